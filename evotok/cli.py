@@ -1,0 +1,280 @@
+"""The `evotok` command.
+
+    evotok <command> [<stage>] --config PATH_OR_NAME [key=value ...]
+
+Heavy imports (torch, Lightning, transformers) happen inside the command functions, so
+``evotok --help`` returns at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from evotok.config import STAGES, ConfigError, load_config, to_yaml
+
+EXIT_USAGE = 2
+EXIT_NOT_BUILT = 3
+
+
+class NotBuilt(Exception):
+    """A command or stage of the design that this version does not implement yet."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _config(args) -> "object":
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [])
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=config_required, help="experiment YAML path or a name under experiments/configs/")
+    p.set_defaults(accepts_overrides=True)
+    p.epilog = "Any number of key=value config overrides may follow, e.g. model.lpix=4 data.batch_size=32."
+
+
+def _add_run_arg(p: argparse.ArgumentParser, many: bool = False) -> None:
+    if many:
+        p.add_argument("--run", action="append", required=True, help="run folder (or .ckpt); repeat for several")
+    else:
+        p.add_argument("--run", required=True, help="run folder (a .ckpt path is accepted too)")
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    cfg = _config(args)
+    if args.dry_run:
+        return _dry_run(cfg, args.stage)
+    from evotok.lit.train import StageNotBuilt, train
+
+    try:
+        train(cfg, args.stage, argv=sys.argv)
+    except StageNotBuilt as e:
+        raise NotBuilt(str(e)) from None
+    return 0
+
+
+def _dry_run(cfg, stage: str) -> int:
+    print(to_yaml(cfg))
+    from evotok.lit.train import StageNotBuilt, stage_builder
+
+    try:
+        builder = stage_builder(stage)
+    except StageNotBuilt as e:
+        print(f"# {e}")
+        return 0
+    describe = getattr(sys.modules[builder.__module__], "describe", None)
+    if describe is not None:
+        print(describe(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.what != "recon":
+        raise NotBuilt(f"'evotok eval {args.what}' needs the {args.what} stage, which is not built yet; built: recon")
+    from evotok.eval.recon import evaluate_recon
+
+    evaluate_recon(args.run, split=args.split, max_images=args.max_images, data_overrides=args.overrides or [])
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from analysis.make_figures import make_figures
+
+    index = make_figures(args.run, args.out, split=args.split, n_images=args.n_images)
+    print(f"figures: {Path(index).resolve()}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "data":
+        from evotok.data.bench import bench_data
+
+        bench_data(out_dir=args.out, n=1000 if args.quick else 4000)
+    elif args.what == "quantizer":
+        from evotok.bench.quantizer import bench_quantizer
+
+        bench_quantizer(quick=args.quick, out_dir=args.out)
+    return 0
+
+
+def cmd_data(args) -> int:
+    cfg = _config(args)
+    if args.what == "preview":
+        from evotok.data.preview import write_preview
+
+        out = write_preview(cfg, args.out, n=args.n, split=args.split)
+        print(f"preview grid: {Path(out).resolve()}")
+    elif args.what == "cache":
+        from evotok.data import build_dataset
+
+        for split in ("train", "val", "test", "heldout"):
+            ds = build_dataset(cfg.data, split)
+            print(f"{split}: {len(ds)} items")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from evotok.api import encode_folder
+
+    out = encode_folder(args.run, args.images, args.out)
+    print(f"codes: {Path(out).resolve()}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from evotok.api import decode_to_folder
+
+    out = decode_to_folder(args.run, args.codes, args.depth, args.out)
+    print(f"images: {Path(out).resolve()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from evotok.api import export_safetensors
+
+    out = export_safetensors(args.run, args.out)
+    print(f"weights: {Path(out).resolve()}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from evotok.pipeline import PIPELINES, run_pipeline
+
+    if args.name not in PIPELINES:
+        raise ConfigError(f"unknown pipeline '{args.name}'; pipelines: {', '.join(PIPELINES)}")
+    run_pipeline(args.name, overrides=args.overrides or [])
+    return 0
+
+
+def not_built(what: str, stage: str) -> Callable:
+    def cmd(args) -> int:
+        raise NotBuilt(f"'evotok {what}' needs the {stage} stage, which is not built yet in this version of the suite")
+
+    return cmd
+
+
+# ------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evotok",
+        description="EvoTok suite: train, evaluate and analyse residual-latent-evolution image tokenizers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("train", help="train a stage (teacher, tokenizer, lm, understanding, generation, checker)")
+    p.add_argument("stage", choices=STAGES)
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="train a grid of configs over Lpix/Lsem (or any keys)")
+    _add_config_args(p)
+    p.set_defaults(func=not_built("sweep", "sweep"))
+
+    p = sub.add_parser("pipeline", help="run a named multi-stage pipeline (e.g. demo)")
+    p.add_argument("name", help="pipeline name (demo)")
+    p.set_defaults(accepts_overrides=True)
+    p.epilog = "key=value overrides that follow apply to every stage."
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("eval", help="evaluate a trained run (recon: per-depth rFID, PSNR, SSIM, CLIPSIM, usage)")
+    p.add_argument("what", choices=("recon", "vqa", "geneval"))
+    _add_run_arg(p)
+    p.add_argument("--split", default="val")
+    p.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
+    p.set_defaults(accepts_overrides=True)
+    p.epilog = "key=value data overrides may follow, e.g. data.source=realphotos."
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("figures", help="rebuild the paper's figures (t-SNE, depth curves, K-means) from run folders")
+    _add_run_arg(p, many=True)
+    p.add_argument("--out", required=True, help="output folder (index.html + PNG/PDF figures)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--n-images", type=int, default=512)
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("bench", help="benchmarks (data: EvoShapes speed; quantizer: RVQ kernels)")
+    p.add_argument("what", choices=("data", "quantizer"))
+    p.add_argument("--out", default="results", help="folder for the JSON results")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="data tools: preview (labelled sample grid), cache (generate EvoShapes splits)")
+    p.add_argument("what", choices=("preview", "cache"))
+    _add_config_args(p)
+    p.add_argument("--out", default="evoshapes_preview.png")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--split", default="train")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("generate", help="generate images from text (generation stage)")
+    _add_run_arg(p)
+    p.add_argument("--prompt", default="")
+    p.set_defaults(func=not_built("generate", "generation"))
+
+    p = sub.add_parser("chat", help="ask questions about an image (understanding stage)")
+    _add_run_arg(p)
+    p.add_argument("--image", default="")
+    p.set_defaults(func=not_built("chat", "understanding"))
+
+    p = sub.add_parser("encode", help="encode a folder of images to codes (.npz)")
+    _add_run_arg(p)
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode codes (.npz) to images at a chosen depth")
+    _add_run_arg(p)
+    p.add_argument("--codes", required=True)
+    p.add_argument("--depth", type=int, default=None, help="depth l (default: Lpix)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("export", help="export a tokenizer's weights to safetensors")
+    _add_run_arg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown or (overrides and not getattr(args, "accepts_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never downloads at run time
+    try:
+        return int(args.func(args) or 0)
+    except NotBuilt as e:
+        print(f"evotok: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except ConfigError as e:
+        print(f"evotok: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # known user-facing errors get one line, the rest a traceback
+        from evotok.errors import USER_ERRORS
+
+        if isinstance(e, USER_ERRORS()):
+            print(f"evotok: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

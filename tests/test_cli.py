@@ -1,0 +1,81 @@
+"""The `evotok` command: fast help, every subcommand's help, not-built stages, config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evotok.cli import EXIT_NOT_BUILT, EXIT_USAGE, build_parser, main
+
+COMMANDS = ("train", "sweep", "pipeline", "eval", "figures", "bench", "data", "generate", "chat", "encode", "decode", "export")
+
+
+def _run(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "evotok.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = (
+        "import sys, time; t=time.time(); from evotok.cli import build_parser; build_parser().format_help(); "
+        "print(time.time()-t); print(int(any(m in sys.modules for m in ('torch','lightning','transformers'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 1.0
+    assert out[1] == "0", "evotok --help imported torch, lightning or transformers"
+    t = time.time()
+    res = _run("--help")
+    assert res.returncode == 0 and "train" in res.stdout
+    assert time.time() - t < 5.0
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: evotok " + command in capsys.readouterr().out
+
+
+def test_parser_knows_every_command():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(COMMANDS) <= set(sub.choices)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "lm"], "stage 'lm' is not built yet"),
+        (["train", "understanding"], "not built yet"),
+        (["sweep"], "not built yet"),
+        (["generate", "--run", "x"], "generation stage"),
+        (["chat", "--run", "x"], "understanding stage"),
+        (["eval", "vqa", "--run", "x"], "not built yet"),
+    ],
+)
+def test_unbuilt_commands_say_so_and_exit_nonzero(argv, needle, capsys):
+    assert main(argv) == EXIT_NOT_BUILT
+    assert needle in capsys.readouterr().err
+
+
+def test_config_errors_are_one_line(capsys):
+    assert main(["train", "tokenizer", "model.quantizer.codebok_size=3"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "model.quantizer.codebook_size" in err and "Traceback" not in err
+    assert main(["train", "tokenizer", "--config", "no/such"]) == EXIT_USAGE
+    assert "no/such" in capsys.readouterr().err
+
+
+def test_overrides_rejected_where_not_accepted(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--run", "x", "--out", "y", "model.lpix=3"])
+    assert e.value.code == 2
+    assert "model.lpix=3" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "lm", "--dry-run", "model.lpix=7", "model.lsem=2"]) == 0
+    out = capsys.readouterr().out
+    assert "lpix: 7" in out and "depth L = max(lpix, lsem) = 7" in out

@@ -1,0 +1,141 @@
+"""Config system: merge order, validation, error messages naming the key and the suggestion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evotok.config import (
+    CONFIG_DIR,
+    Config,
+    ConfigError,
+    accumulate_steps,
+    from_dict,
+    load_config,
+    resolve_config_path,
+    to_dict,
+)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_merge_order_schema_base_experiment_cli(tmp_path):
+    base = _write(tmp_path / "base.yaml", "model:\n  lpix: 5\n  lsem: 6\ndata:\n  batch_size: 8\n")
+    exp = _write(tmp_path / "exp.yaml", "model:\n  lsem: 7\ndata:\n  resolution: 64\n")
+    cfg = load_config(str(exp), ["data.resolution=48"], base=base)
+    assert cfg.model.lpix == 5  # base over schema
+    assert cfg.model.lsem == 7  # experiment over base
+    assert cfg.data.batch_size == 8  # base, untouched by experiment
+    assert cfg.data.resolution == 48  # command line over experiment
+    assert cfg.model.quantizer.ema_decay == Config().model.quantizer.ema_decay  # schema default
+    assert cfg.depth == 7
+
+
+def test_derived_depth_follows_lpix_lsem():
+    assert load_config(None, ["model.lpix=4", "model.lsem=16"]).depth == 16
+    assert load_config(None, ["model.lpix=16", "model.lsem=4"]).depth == 16
+    assert load_config(None, ["model.lpix=4", "model.lsem=4"]).depth == 4
+
+
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("model.quantizer.codebok_size=3", "model.quantizer.codebok_size", "model.quantizer.codebook_size"),
+        ("model.lpx=3", "model.lpx", "model.lpix"),
+        ("trainer.max_step=3", "trainer.max_step", "trainer.max_steps"),
+        ("dat.batch_size=3", "dat.batch_size", "data.batch_size"),
+    ],
+)
+def test_unknown_key_names_key_and_closest(override, key, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and f"did you mean '{suggestion}'" in msg
+
+
+def test_unknown_key_in_experiment_file_names_file(tmp_path):
+    exp = _write(tmp_path / "exp.yaml", "model:\n  quantizer:\n    codebooksize: 12\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(exp))
+    assert "model.quantizer.codebooksize" in str(e.value) and str(exp) in str(e.value)
+    assert "model.quantizer.codebook_size" in str(e.value)
+
+
+def test_wrong_type_names_full_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.batch_size=abc"])
+    assert "'data.batch_size'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.quantizer.ema_decay=fast"])
+    assert "'model.quantizer.ema_decay'" in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["model.quantizer.depth", "model.depth"])
+def test_derived_key_cannot_be_set(key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=8"])
+    assert key in str(e.value) and "max(model.lpix, model.lsem)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.quantizer.impl=fast", "model.quantizer.impl"),
+        ("model.lpix=0", "model.lpix"),
+        ("model.quantizer.ema_decay=1.5", "model.quantizer.ema_decay"),
+        ("data.source=imagenet", "data.source"),
+        ("data.heldout_fraction=1.0", "data.heldout_fraction"),
+        ("optim.betas=[0.9]", "optim.betas"),
+    ],
+)
+def test_bad_values_name_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.lpix"])
+    with pytest.raises(ConfigError, match="empty key"):
+        load_config(None, ["=3"])
+
+
+def test_override_values_are_typed():
+    cfg = load_config(None, ["optim.betas=[0.5,0.6]", "trainer.devices=2", "run.overwrite=true", "teacher.run=a/b"])
+    assert cfg.optim.betas == [0.5, 0.6] and cfg.trainer.devices == 2 and cfg.run.overwrite is True
+    assert cfg.teacher.run == "a/b"
+
+
+def test_config_name_lookup_and_missing_name():
+    assert resolve_config_path("base") == CONFIG_DIR / "base.yaml"
+    with pytest.raises(ConfigError) as e:
+        resolve_config_path("tokenizer/evotok_tinny")
+    assert "tokenizer/evotok_tinny" in str(e.value)
+
+
+def test_global_batch_size_derives_accumulation():
+    cfg = load_config(None, ["data.batch_size=16", "trainer.global_batch_size=64"])
+    assert accumulate_steps(cfg) == 4
+    with pytest.raises(ConfigError, match="trainer.global_batch_size"):
+        load_config(None, ["data.batch_size=16", "trainer.global_batch_size=40"])
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["model.lpix=3", "data.resolution=64"])
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_two_core_defaults():
+    cfg = load_config(None)
+    assert cfg.data.num_workers <= 1 and cfg.trainer.threads <= 2
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_experiment_yaml_resolves(path):
+    cfg = load_config(str(path))
+    assert cfg.depth == max(cfg.model.lpix, cfg.model.lsem)
