@@ -1,0 +1,167 @@
+"""README numbers come from JSON files under results/; this module renders them.
+
+    python -m evotok.readme            # rewrite every results block in README.md
+    python -m evotok.readme --check    # exit 1 if a block disagrees with results/
+    python -m evotok.readme record NAME RUN_DIR   # copy a run's metrics.json into results/NAME.json
+
+A block in README.md looks like ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``; NAME selects a
+renderer below, which reads results/<file>.json. tests/test_readme.py checks that they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from evotok.config import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+RESULTS = REPO_ROOT / "results"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w\-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def _load(name: str, results: Path) -> Optional[dict]:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _missing(command: str) -> str:
+    return f"_Not measured yet: run `{command}`._\n"
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_bench_data(results: Path) -> str:
+    data = _load("bench_data", results)
+    if data is None:
+        return _missing("evotok bench data")
+    rows = ["| resolution | images | seconds | images/s |", "|---|---|---|---|"]
+    for r in data["rows"]:
+        rows.append(f"| {r['resolution']} px | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} |")
+    meta = f"Measured {data.get('date', '?')} on {data.get('cpu_count', '?')} cores (`evotok bench data`)."
+    return "\n".join(rows) + f"\n\n{meta}\n"
+
+
+def render_bench_quantizer(results: Path) -> str:
+    data = _load("bench_quantizer", results)
+    if data is None:
+        return _missing("evotok bench quantizer")
+    cols = data.get("columns") or list(data["rows"][0].keys())
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in data["rows"]:
+        rows.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    notes = "\n".join(f"- {n}" for n in data.get("notes", []))
+    meta = f"Measured {data.get('date', '?')} on {data.get('host_summary', data.get('cpu_count', '?'))} (`evotok bench quantizer`)."
+    return "\n".join(rows) + f"\n\n{meta}\n" + (f"\n{notes}\n" if notes else "")
+
+
+def render_teacher(results: Path) -> str:
+    data = _load("teacher_tiny", results)
+    if data is None:
+        return _missing("evotok train teacher --config teacher/tiny && python -m evotok.readme record teacher_tiny RUN")
+    s = data["scalars"]
+    keys = [k for k in ("zeroshot_shape", "zeroshot_count", "chance_shape", "chance_count", "train_minutes") if k in s]
+    rows = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(s[k], 3)} |" for k in keys]
+    return "\n".join(rows) + f"\n\nStep {data['step']}; command: `{data.get('command', '?')}`.\n"
+
+
+def render_tokenizer(results: Path, name: str) -> str:
+    data = _load(name, results)
+    if data is None:
+        return _missing(f"evotok train tokenizer ... && evotok eval recon --run RUN && python -m evotok.readme record {name} RUN")
+    per = data["per_depth"]
+    names = [n for n in ("psnr", "ssim", "rfid", "clipsim_pix", "clipsim_sem", "usage", "perplexity") if n in per]
+    depth = len(per[names[0]]) if names else 0
+    rows = ["| depth | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for l in range(depth):
+        rows.append(f"| {l + 1} | " + " | ".join(_fmt(per[n][l], 3) for n in names) + " |")
+    extra = ""
+    curve = data.get("curve")
+    if curve:
+        extra = "\n\nValidation PSNR at Lpix during training: " + ", ".join(
+            f"{c['minutes']:.1f} min: {c['psnr']:.2f} dB" for c in curve
+        ) + "."
+    return "\n".join(rows) + extra + f"\n\nStep {data['step']}; command: `{data.get('command', '?')}`.\n"
+
+
+def render_nmi(results: Path) -> str:
+    data = _load("nmi_evotok_tiny", results)
+    if data is None:
+        return _missing("evotok figures --run RUN --out DIR && python -m evotok.readme record-nmi DIR")
+    nmi = data["nmi"]
+    factors = list(nmi)
+    depth = len(nmi[factors[0]])
+    rows = ["| depth | " + " | ".join(factors) + " |", "|---|" + "---|" * len(factors)]
+    for l in range(depth):
+        rows.append(f"| {l + 1} | " + " | ".join(f"{nmi[f][l]:.3f}" for f in factors) + " |")
+    return "\n".join(rows) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "bench_data": render_bench_data,
+    "bench_quantizer": render_bench_quantizer,
+    "teacher_tiny": render_teacher,
+    "tokenizer_evotok_tiny": lambda r: render_tokenizer(r, "tokenizer_evotok_tiny"),
+    "nmi_evotok_tiny": render_nmi,
+}
+
+
+def render_readme(text: str, results: Path = RESULTS) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in RENDERERS:
+            raise KeyError(f"README block '{name}' has no renderer in evotok/readme.py")
+        return m.group(1) + RENDERERS[name](results) + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def record(name: str, run_dir: Path, results: Path = RESULTS) -> Path:
+    """Copy a run's metrics.json (plus the command from provenance.json) to results/NAME.json."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    prov_path = Path(run_dir) / "provenance.json"
+    if prov_path.is_file():
+        prov = json.loads(prov_path.read_text())
+        metrics["command"] = " ".join(prov.get("command", []))
+        metrics["git_sha"] = prov.get("git_sha")
+    results.mkdir(exist_ok=True)
+    out = results / f"{name}.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evotok.readme")
+    parser.add_argument("action", nargs="?", default="write", choices=("write", "record", "record-file"))
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if args.action == "record":
+        print(record(args.args[0], Path(args.args[1])))
+    if args.action == "record-file":  # copy any JSON a command wrote (e.g. a figures folder's nmi.json)
+        RESULTS.mkdir(exist_ok=True)
+        shutil.copy(args.args[1], RESULTS / f"{args.args[0]}.json")
+    text = README.read_text()
+    new = render_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md disagrees with results/: run `python -m evotok.readme`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
