@@ -1,0 +1,179 @@
+"""One LightningDataModule for every stage; the stage selects which fields a batch carries."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from evotok.data import DataError
+from evotok.data.collate import collate
+from evotok.data.sources import build_dataset
+
+# Batch keys per stage (values collated by evotok.data.collate.collate).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "teacher": ("image", "caption_sem", "labels"),
+    "tokenizer": ("image", "labels", "index"),
+    "lm": ("text",),
+    "understanding": ("image", "conversations", "question", "answer"),
+    "generation": ("image", "caption"),
+    "checker": ("image", "labels"),
+}
+STAGES = tuple(STAGE_KEYS)
+_TASK_OF_STAGE = {"understanding": "understanding", "generation": "generation"}
+
+
+def _strip_image(text: str) -> str:
+    return text.replace("<image>", "").strip()
+
+
+def stage_fields(item: dict, stage: str) -> dict:
+    """Map a common-schema item to the fields of ``stage``."""
+    if stage == "teacher":
+        return {"image": item["image"], "caption_sem": item["caption_sem"] or item["caption"], "labels": item["labels"]}
+    if stage == "tokenizer":
+        return {"image": item["image"], "labels": item["labels"], "index": item["index"]}
+    if stage == "checker":
+        return {"image": item["image"], "labels": item["labels"]}
+    if stage == "lm":
+        return {"text": item_text(item)}
+    if stage == "understanding":
+        conv = item["conversations"]
+        q = next((i for i, t in enumerate(conv) if t["from"] == "human"), None)
+        question = _strip_image(conv[q]["value"]) if q is not None else ""
+        answer = next((t["value"] for t in conv[(q or 0) + 1:] if t["from"] == "gpt"), "") if q is not None else ""
+        return {"image": item["image"], "conversations": conv, "question": question, "answer": answer}
+    if stage == "generation":
+        return {"image": item["image"], "caption": item["caption"]}
+    raise ValueError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
+
+
+def item_text(item: dict) -> str:
+    """Caption, semantic caption and QA / conversation text of an item, one per line."""
+    lines = [item["caption"], item["caption_sem"]]
+    lines += [f"{q['question']} {q['answer']}" for q in item["qa"]]
+    if not item["qa"]:
+        lines += [_strip_image(t["value"]) for t in item["conversations"]]
+    return "\n".join(x for x in lines if x)
+
+
+class StageView(Dataset):
+    """A map-style dataset seen through one stage (optionally a subset of indices)."""
+
+    def __init__(self, base: Dataset, stage: str, indices: Optional[Sequence[int]] = None) -> None:
+        self.base, self.stage = base, stage
+        self.indices = list(indices) if indices is not None else None
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        j = self.indices[i] if self.indices is not None else i
+        if self.stage == "lm" and hasattr(self.base, "text"):
+            return {"text": self.base.text(j)}  # no image decode
+        return stage_fields(self.base[j], self.stage)
+
+
+class IterableStageView(IterableDataset):
+    """A streaming dataset seen through one stage, keeping only samples of the stage's task."""
+
+    def __init__(self, base: IterableDataset, stage: str) -> None:
+        self.base, self.stage = base, stage
+
+    def __iter__(self) -> Iterator[dict]:
+        want = _TASK_OF_STAGE.get(self.stage)
+        for item in self.base:
+            if want is None or item["task"] in (want, ""):
+                yield stage_fields(item, self.stage)
+
+
+def seed_worker(worker_id: int) -> None:
+    """worker_init_fn: seed the worker's own numpy / random from the seed torch gave the worker."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class EvoTokDataModule(L.LightningDataModule):
+    """Train / val / test loaders of ``cfg.data.source`` shaped for ``stage`` (see STAGE_KEYS).
+
+    Shuffling uses a generator seeded from data.seed + epoch; under DDP Lightning swaps in its
+    DistributedSampler. EvoShapes caches are built in prepare_data (once per node)."""
+
+    def __init__(self, cfg: Any, stage: str) -> None:
+        super().__init__()
+        if stage not in STAGE_KEYS:
+            raise ValueError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
+        self.cfg, self.stage = cfg, stage
+        self._datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ datasets
+    def prepare_data(self) -> None:
+        if self.cfg.data.source == "evoshapes":
+            for split in ("train", "val", "test"):
+                build_dataset(self.cfg.data, split)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Lightning's ``stage`` (fit/validate/test/predict) picks which splits to build now."""
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage or "", ("train", "val", "test")):
+            self.dataset(split)
+
+    def dataset(self, split: str) -> Dataset:
+        """The stage view of ``split`` (train | val | test | heldout), built once."""
+        if split not in self._datasets:
+            self._datasets[split] = self._stage_view(self.raw_dataset(split))
+        return self._datasets[split]
+
+    def raw_dataset(self, split: str) -> Dataset:
+        """The common-schema dataset of ``split`` (every field)."""
+        return build_dataset(self.cfg.data, split)
+
+    def _stage_view(self, base: Dataset) -> Dataset:
+        if isinstance(base, IterableDataset):
+            return IterableStageView(base, self.stage)
+        want = _TASK_OF_STAGE.get(self.stage)
+        tasks = getattr(base, "tasks", None)
+        if want is not None and tasks is not None:
+            idx = [i for i, t in enumerate(tasks) if t in (want, "")]
+            if not idx:
+                raise DataError(f"stage '{self.stage}': source '{self.cfg.data.source}' (data.root = "
+                                f"'{self.cfg.data.root}') has no {want} samples")
+            return StageView(base, self.stage, idx)
+        return StageView(base, self.stage)
+
+    # --------------------------------------------------------------- dataloaders
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def dataloader(self, split: str, shuffle: bool = False, batch_size: Optional[int] = None,
+                   drop_last: bool = False) -> DataLoader:
+        """A loader for any split (train/val/test/heldout), batches shaped for the stage."""
+        ds = self.dataset(split)
+        d = self.cfg.data
+        bs = int(batch_size or d.batch_size)
+        iterable = isinstance(ds, IterableDataset)
+        kwargs: dict[str, Any] = {}
+        if d.num_workers > 0:
+            kwargs.update(persistent_workers=True, worker_init_fn=seed_worker, prefetch_factor=2)
+        gen = torch.Generator().manual_seed(int(d.seed) + self._epoch())
+        return DataLoader(
+            ds, batch_size=bs, shuffle=shuffle and not iterable,
+            drop_last=drop_last and not iterable and len(ds) >= bs,  # type: ignore[arg-type]
+            num_workers=int(d.num_workers), collate_fn=collate, generator=gen,
+            pin_memory=torch.cuda.is_available(), **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")

@@ -1,0 +1,227 @@
+"""EvoShapes: determinism, caching, label/text consistency, balance, held-out pairs, visibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader
+
+from evotok.config import DataConfig
+from evotok.data import collate as _collate_mod  # noqa: F401  (lazy export works)
+from evotok.data.collate import collate
+from evotok.data.evoshapes import (
+    BG_RGB, CHUNK, FACTOR_KEYS, FACTORS, FG_RGB, LOWLEVEL_FACTORS, SEMANTIC_FACTORS, SHAPE_PLURALS, EvoShapes,
+    EvoShapesParams, allowed_pairs, caption, generate, heldout_pairs, labels_from_row, qa_pairs, semantic_caption,
+    zero_shot_prompt_sets, zero_shot_prompts,
+)
+
+
+def _cfg(tmp, **kw) -> DataConfig:
+    base = dict(cache_dir=str(tmp), train_size=3000, val_size=600, test_size=600, seed=0)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("evocache")
+
+
+@pytest.fixture(scope="module")
+def train(cache):
+    return EvoShapes(_cfg(cache), "train")
+
+
+def test_vocabulary():
+    assert len(FACTORS["shape"]) >= 8 and len(FACTORS["color"]) >= 8
+    assert FACTORS["count"] == ["one", "two", "three"]
+    assert set(FACTOR_KEYS) == set(FACTORS) and set(SEMANTIC_FACTORS) | set(LOWLEVEL_FACTORS) == set(FACTORS)
+    assert len(FG_RGB) == len(FACTORS["color"]) and len(BG_RGB) == len(FACTORS["background"])
+    # every background is far (RGB distance) from every foreground colour
+    dist = np.linalg.norm(FG_RGB[:, None] - BG_RGB[None], axis=-1)
+    assert dist.min() > 0.3
+    for f in FACTORS:
+        p = zero_shot_prompts(f)
+        assert len(p) == len(FACTORS[f]) and len(set(p)) == len(p)
+    assert zero_shot_prompts("shape")[FACTORS["shape"].index("star")] == "stars"
+    sets = zero_shot_prompt_sets("count")
+    assert len(sets) == 3 and all(len(s) == len(FACTORS["shape"]) for s in sets) and "two stars" in sets[1]
+    with pytest.raises(ValueError, match="shape"):
+        zero_shot_prompts("size")
+
+
+def test_generator_determinism():
+    p = EvoShapesParams(seed=3)
+    a, b = generate(p, "train", 0, 300), generate(p, "train", 0, 300)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    c = generate(EvoShapesParams(seed=4), "train", 0, 300)
+    assert not np.array_equal(a.images_NCHW, c.images_NCHW)
+    assert not np.array_equal(a.labels_NF, c.labels_NF)
+    v = generate(p, "val", 0, 300)
+    assert not np.array_equal(a.images_NCHW, v.images_NCHW)
+    # item i does not depend on the requested range (crosses a chunk border)
+    lo, hi = CHUNK - 5, CHUNK + 5
+    whole = generate(p, "train", 0, hi)
+    part = generate(p, "train", lo, hi)
+    np.testing.assert_array_equal(whole.images_NCHW[lo:], part.images_NCHW)
+    one = generate(p, "train", CHUNK + 2, CHUNK + 3)
+    np.testing.assert_array_equal(one.images_NCHW[0], whole.images_NCHW[CHUNK + 2])
+    assert a.images_NCHW.dtype == np.uint8 and a.images_NCHW.shape == (300, 3, 32, 32)
+
+
+def test_cache_reused_and_memory_mapped(cache, train):
+    assert isinstance(train.arrays.images_NCHW, np.memmap)
+    stamp = (train.path / "images.npy").stat().st_mtime_ns
+    again = EvoShapes(_cfg(cache), "train")
+    assert again.path == train.path and (again.path / "images.npy").stat().st_mtime_ns == stamp
+    other = EvoShapes(_cfg(cache, train_size=100, noise_sigma=0.05), "train")
+    assert other.path != train.path
+    g = generate(train.params, "train", 0, 100)
+    np.testing.assert_array_equal(np.asarray(train.arrays.images_NCHW[:100]), g.images_NCHW)
+    # the cache files are generation-only: a different noise changes pixels, not labels
+    np.testing.assert_array_equal(other.labels_NF[:100], train.labels_NF[:100])
+    assert not np.array_equal(other.images_uint8(slice(0, 100)), g.images_NCHW)
+
+
+def test_item_schema_and_same_tensor_everywhere(train):
+    idx = [5, 17, 1100, 2999]
+    alone = [train[i]["image"] for i in idx]
+    item = train[5]
+    assert set(item) == {"image", "labels", "caption", "caption_sem", "qa", "conversations", "task", "index", "source"}
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 32, 32)
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["index"] == 5 and item["source"] == "evoshapes" and item["task"] == ""
+    conv = item["conversations"]
+    assert conv[0]["from"] == "human" and "<image>" in conv[0]["value"] and conv[1]["from"] == "gpt"
+    assert any(q["question"] in conv[0]["value"] and q["answer"] == conv[1]["value"] for q in item["qa"])
+    batch = collate([train[i] for i in idx])
+    assert torch.equal(batch["image"], torch.stack(alone))
+    np.testing.assert_array_equal(train.images_uint8(idx).astype(np.float32) / 255.0, batch["image"].numpy())
+    sub = torch.utils.data.Subset(train, idx)
+    for workers in (0, 2):
+        loader = DataLoader(sub, batch_size=2, num_workers=workers, collate_fn=collate)
+        got = torch.cat([b["image"] for b in loader])
+        assert torch.equal(got, torch.stack(alone)), f"num_workers={workers}"
+        labs = torch.cat([b["labels"]["shape"] for b in loader])
+        assert labs.tolist() == [train.labels(i)["shape"] for i in idx]
+
+
+def test_text_matches_labels(train):
+    for i in range(0, 3000, 37):
+        lab = train.labels(i)
+        item = train[i]
+        shape, color = FACTORS["shape"][lab["shape"]], FACTORS["color"][lab["color"]]
+        n = lab["count"] + 1
+        words = item["caption"].split()
+        assert words[0] == FACTORS["count"][lab["count"]]
+        assert color in words and FACTORS["texture"][lab["texture"]] in words
+        assert (SHAPE_PLURALS[shape] if n > 1 else shape) in words
+        assert item["caption"].endswith(f"on a {FACTORS['background'][lab['background']]} background")
+        assert item["caption_sem"] == f"{FACTORS['count'][lab['count']]} {SHAPE_PLURALS[shape] if n > 1 else shape}"
+        sem = set(item["caption_sem"].split())
+        lowlevel_words = set(FACTORS["color"]) | set(FACTORS["texture"]) | set(FACTORS["background"])
+        assert not sem & lowlevel_words
+        answers = {q["type"]: q["answer"] for q in item["qa"]}
+        assert set(answers) == {"shape", "color", "count", "texture"}
+        assert answers == {"shape": shape, "color": color, "count": FACTORS["count"][lab["count"]],
+                           "texture": FACTORS["texture"][lab["texture"]]}
+        assert item["caption"] == caption(lab) and qa_pairs(lab) == item["qa"]
+        assert semantic_caption(lab) == item["caption_sem"]
+
+
+def test_every_factor_balanced(train):
+    from scipy.stats import chisquare
+
+    labels = np.asarray(train.labels_NF)
+    for j, f in enumerate(FACTOR_KEYS):
+        counts = np.bincount(labels[:, j], minlength=len(FACTORS[f]))
+        assert counts.min() > 0, f
+        assert counts.max() / counts.min() < 1.25, (f, counts)
+        if f in ("count", "texture", "background"):  # drawn exactly balanced per chunk
+            assert chisquare(counts).pvalue > 0.01, (f, counts)
+
+
+def test_heldout_pairs(cache, train):
+    held = set(heldout_pairs(0, 0.1))
+    assert len(held) == round(0.1 * len(FACTORS["color"]) * len(FACTORS["shape"]))
+    assert heldout_pairs(0, 0.1) == heldout_pairs(0, 0.1) and set(heldout_pairs(1, 0.1)) != held
+    assert len({c for c, _ in held}) == len(held) and len({s for _, s in held}) == len(held)  # spread out
+    assert heldout_pairs(0, 0.0) == [] and len(allowed_pairs(0, 0.0, "train")) == 64
+    cfg = _cfg(cache)
+    for split in ("train", "val", "test"):
+        ds = train if split == "train" else EvoShapes(cfg, split)
+        pairs = {(int(c), int(s)) for s, c in np.asarray(ds.labels_NF)[:, [0, 2]]}
+        assert not pairs & held, split
+    ho = EvoShapes(cfg, "heldout")
+    assert len(ho) == cfg.test_size
+    pairs = {(int(c), int(s)) for s, c in np.asarray(ho.labels_NF)[:, [0, 2]]}
+    assert pairs == held
+
+
+def _foreground(images_NCHW: np.ndarray, labels_NF: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool: pixels far from the background colour."""
+    bg = BG_RGB[labels_NF[:, 4]] * 255.0
+    d = np.abs(images_NCHW.astype(np.float32) - bg[:, :, None, None]).max(axis=1)
+    return d > 40
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_objects_visible_match_count(res):
+    p = EvoShapesParams(resolution=res, noise_sigma=0.0)
+    g = generate(p, "train", 0, 400)
+    assert g.images_NCHW.shape == (400, 3, res, res)
+    fg = _foreground(g.images_NCHW, g.labels_NF)
+    c = res // 2
+    cells = np.stack([fg[:, :c, :c], fg[:, :c, c:], fg[:, c:, :c], fg[:, c:, c:]], axis=1).mean(axis=(2, 3))
+    # occupied cells are covered 15-85% (a star is the thinnest), empty cells are pure background
+    assert (cells[g.cells_N4] > 0.15).all() and (cells[g.cells_N4] < 0.85).all()
+    assert (cells[~g.cells_N4] == 0).all()
+    np.testing.assert_array_equal(g.cells_N4.sum(1), g.labels_NF[:, 1] + 1)
+    n_comp = np.array([ndimage.label(m, structure=np.ones((3, 3)))[1] for m in fg])
+    assert (n_comp == g.labels_NF[:, 1] + 1).mean() > 0.97
+
+
+def test_noise_sigma_and_64px_dataset(cache):
+    ds = EvoShapes(_cfg(cache, resolution=64, train_size=50), "train")
+    assert ds[0]["image"].shape == (3, 64, 64)
+    clean = generate(EvoShapesParams(noise_sigma=0.0), "train", 0, 200).images_NCHW.astype(np.float32)
+    noisy = generate(EvoShapesParams(noise_sigma=0.02), "train", 0, 200).images_NCHW.astype(np.float32)
+    resid = (noisy - clean) / 255.0
+    assert 0.015 < resid.std() < 0.025
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="data.resolution"):
+        EvoShapesParams(resolution=33)
+    with pytest.raises(ValueError, match="split"):
+        generate(EvoShapesParams(), "dev", 0, 1)
+    assert labels_from_row([1, 2, 3, 0, 1]) == {"shape": 1, "count": 2, "color": 3, "texture": 0, "background": 1}
+
+
+def test_heldout_empty_without_fraction(tmp_path):
+    from evotok.data import DataError
+
+    with pytest.raises(DataError, match="data.heldout_fraction"):
+        EvoShapes(_cfg(tmp_path, heldout_fraction=0.0, train_size=10), "heldout")
+
+
+def test_preview_and_bench(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from evotok.config import Config
+    from evotok.data.bench import bench_data
+    from evotok.data.preview import write_preview
+
+    cfg = Config(data=_cfg(tmp_path / "cache", train_size=20))
+    out = write_preview(cfg, tmp_path / "prev" / "p.png", n=10)
+    assert out.is_file() and Image.open(out).size[0] > 300
+    res = bench_data(resolutions=(32,), n=200, out_dir=tmp_path / "results")
+    saved = json.loads((tmp_path / "results" / "bench_data.json").read_text())
+    assert saved == res and set(res) == {"date", "host", "cpu_count", "rows"}
+    row = res["rows"][0]
+    assert row["resolution"] == 32 and row["images"] == 200 and row["images_per_s"] > 0
