@@ -54,6 +54,7 @@ class ModelConfig:
     lpix: int = 4
     lsem: int = 16
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    encoder_weights: str = ""  # ViT-encoder presets: open_clip weights file or teacher run to init the tower ("" = random)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TeacherConfig:
     weights: str = ""  # local weights file for a real open_clip model
     run: str = ""  # a teacher run folder from `evotok train teacher` (embedded default)
     random_init: bool = False  # tests only: an untrained teacher of `arch` (never a silent default)
+    lr_schedule: str = "cosine"  # teacher training: cosine | constant, after optim.warmup_steps of linear warm-up
 
 
 @dataclass

@@ -51,7 +51,10 @@ def setup_process(cfg: Config) -> None:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
 
-def build_trainer(cfg: Config, run: RunDir, monitor: Optional[str], monitor_mode: str = "min", extra_callbacks=()):
+def build_trainer(
+    cfg: Config, run: RunDir, monitor: Optional[str], monitor_mode: str = "min", extra_callbacks=(),
+    handles_accumulation: bool = False,
+):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -86,7 +89,8 @@ def build_trainer(cfg: Config, run: RunDir, monitor: Optional[str], monitor_mode
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
-        accumulate_grad_batches=accumulate_steps(cfg),
+        # manual-optimisation modules (the tokenizer's G/D pair) accumulate themselves
+        accumulate_grad_batches=1 if handles_accumulation else accumulate_steps(cfg),
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,
@@ -144,6 +148,7 @@ def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamod
     trainer = build_trainer(
         cfg, run, getattr(module, "monitor", None), getattr(module, "monitor_mode", "min"),
         extra_callbacks=getattr(module, "extra_callbacks", lambda: ())(),
+        handles_accumulation=getattr(module, "handles_accumulation", False),
     )
     ckpt = run.last_ckpt if run.last_ckpt.is_file() else None
     if ckpt is not None and trainer.is_global_zero:

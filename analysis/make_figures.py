@@ -1,0 +1,213 @@
+"""The whole figure set for one or many tokenizer runs, in one folder with an ``index.html``.
+
+Layout of ``out_dir`` (one subfolder per run, so that sweeps compare side by side):
+
+- ``<run name>/tsne.{png,pdf}``      Fig. 5a, all depths in one t-SNE map
+- ``<run name>/clusters.{png,pdf}``  Fig. 6, K-means cluster grids at the requested depths (those <= L)
+- ``<run name>/nmi.{png,pdf}``       NMI between clusters and each factor, every depth
+- ``depth_curves.{png,pdf}``         Fig. 5b across all runs (runs sharing Lpix/Lsem: mean and min-max band)
+- ``ablation.md``, ``ablation.csv``  one row per run
+- ``nmi.json``                       {run name: {lpix, lsem, k, seed, split, n_images, nmi: {factor: [v_1..v_L]}}}
+- ``index.html``                     every PNG and the table on one page
+
+Per-depth curves come from each run's ``metrics.json``; a curve metric it lacks (or the whole file) is
+computed from the cached feature arrays (:func:`analysis.depth_curves.feature_depth_metrics`) and the
+page says which numbers came from where. The table prefers metrics.json (``per_depth`` at Lpix/Lsem, then
+its scalars such as ``val_psnr``) and falls back to the feature numbers. A run folder name that repeats gets its parent's name prepended.
+A run may also be given as a features ``.npz`` (then no checkpoint is needed).
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from analysis.depth_curves import CURVE_METRICS, feature_depth_metrics, plot_depth_curves
+from analysis.extract import extract, load_features
+from analysis.kmeans import cluster_depths, nmi_per_depth, plot_cluster_grids, plot_nmi
+from analysis.plotting import save_figure
+from analysis.tables import ablation_rows, ablation_table, scalar, table_html
+from analysis.tsne import depth_index, plot_tsne, subsample_positions, tsne_embed
+
+DEFAULT_DEPTHS = (1, 4, 8, 16)
+
+
+def _run_folder(run: Path) -> Path:
+    """The run folder of a run folder, a .ckpt (``<run>/checkpoints/x.ckpt``) or a features .npz (``<run>/analysis/x.npz``)."""
+    if run.suffix in (".ckpt", ".npz"):
+        return run.parent.parent if run.parent.name in ("checkpoints", "analysis") else run.parent
+    return run
+
+
+def _unique_names(runs: Sequence[Path]) -> list[str]:
+    """Run folder names; a repeated name gets the nearest distinguishing parent folder names prepended
+    (stage folders such as ``tokenizer`` are skipped): ``sweep_a/tokenizer/seed0`` -> ``sweep_a_seed0``."""
+    from evotok.config import STAGES
+
+    folders = [_run_folder(r).resolve() for r in runs]
+    parents = [[p.name for p in f.parents if p.name and p.name not in STAGES] for f in folders]
+    names = [f.name or "run" for f in folders]
+    used = [0] * len(names)
+    while True:
+        dup = [i for i, n in enumerate(names) if names.count(n) > 1 and used[i] < len(parents[i])]
+        if not dup:
+            break
+        for i in dup:
+            names[i] = f"{parents[i][used[i]]}_{names[i]}"
+            used[i] += 1
+    out: list[str] = []
+    for i, n in enumerate(names):
+        out.append(n if n not in out else f"{n}_{i + 1}")
+    return out
+
+
+def _read_metrics(folder: Path) -> dict[str, Any]:
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def make_figures(
+    runs: Sequence[str | Path],
+    out_dir: str | Path,
+    split: str = "val",
+    n_images: int = 512,
+    depths: Sequence[int] = DEFAULT_DEPTHS,
+    seed: int = 0,
+    k: int = 8,
+    n_positions: int = 2000,
+    tsne_points: int = 3000,
+    tsne_max_iter: int = 1000,
+    n_per_cluster: int = 8,
+    data_overrides: Sequence[str] = (),
+    device: str = "auto",
+) -> Path:
+    """Extract (cached) and draw the figure set described in the module docstring; returns ``index.html``."""
+    if not runs:
+        raise ValueError("make_figures needs at least one run")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(r) for r in runs]
+    names = _unique_names(paths)
+    curve_runs: list[dict[str, Any]] = []
+    table_runs: list[dict[str, Any]] = []
+    nmi_all: dict[str, Any] = {}
+    sections: list[str] = []
+    notes: list[str] = []
+    for name, path in zip(names, paths):
+        feats_path = path if path.suffix == ".npz" else extract(
+            path, split=split, n_images=n_images, n_positions=n_positions, seed=seed,
+            data_overrides=data_overrides, device=device)
+        feats = load_features(feats_path)
+        lpix, lsem, L = feats["lpix"], feats["lsem"], feats["L"]
+        run_out = out / name
+        figs: list[tuple[str, str]] = []
+
+        pos = subsample_positions(feats["positions_LPd"], tsne_points, seed)
+        emb = tsne_embed(pos, seed=seed, max_iter=tsne_max_iter)
+        fig = plot_tsne(emb, depth_index(pos.shape[0], pos.shape[1]), lpix, lsem,
+                        title=f"{name}: t-SNE of $z_l$, all depths ($L_{{pix}}$={lpix}, $L_{{sem}}$={lsem})")
+        save_figure(fig, run_out, "tsne")
+        figs.append(("tsne", f"Fig. 5a: t-SNE of {pos.shape[1]} latent positions at every depth 1..{L}"))
+
+        clusters = cluster_depths(feats["pooled_LBd"], depths, k=k, seed=seed)
+        if clusters:
+            fig = plot_cluster_grids(feats["images_BHWC"], clusters, n_per_cluster,
+                                     title=f"{name}: K-means (k={k}) on pooled $z_l$")
+            save_figure(fig, run_out, "clusters")
+            figs.append(("clusters", f"Fig. 6: K-means clusters (k={k}) at depths {', '.join(map(str, sorted(clusters)))}"))
+        dropped = [d for d in depths if d not in clusters]
+        if dropped:
+            notes.append(f"{name}: depths {dropped} exceed L={L} and were left out of the cluster grids")
+
+        labels = feats["labels"]
+        if labels:
+            nmi = nmi_per_depth(feats["pooled_LBd"], labels, k=k, seed=seed)
+            semantic, lowlevel = _factor_kinds()
+            fig = plot_nmi(nmi, lpix, lsem, semantic=semantic, lowlevel=lowlevel, title=f"{name}: NMI per depth (k={k})")
+            save_figure(fig, run_out, "nmi")
+            figs.append(("nmi", "NMI between K-means clusters and each factor (solid: semantic, dashed: low-level)"))
+        else:
+            nmi = {}
+            notes.append(f"{name}: the data set has no factor labels, so no NMI")
+        nmi_all[name] = {"lpix": lpix, "lsem": lsem, "L": L, "k": k, "seed": seed, "split": split,
+                         "n_images": int(feats["pooled_LBd"].shape[1]), "nmi": nmi}
+
+        metrics = _read_metrics(_run_folder(path))
+        per_depth = dict(metrics.get("per_depth") or {})
+        from_feats = feature_depth_metrics(feats)
+        filled = [m for m in CURVE_METRICS if m not in per_depth and m in from_feats]
+        info = {"label": name, "name": name, "lpix": lpix, "lsem": lsem}
+        curve_runs.append({**metrics, **info, "per_depth": {**per_depth, **{m: from_feats[m] for m in filled}}})
+        # the table prefers metrics.json (per-depth, then its scalars) over numbers from the cached features
+        table_fill = [m for m in filled if scalar(metrics, m) is None]
+        table_runs.append({**metrics, **info, "per_depth": {**per_depth, **{m: from_feats[m] for m in table_fill}}})
+        if filled:
+            notes.append(f"{name}: {', '.join(filled)} per depth computed from {feats['pooled_LBd'].shape[1]} cached "
+                         f"{split} images ({feats_path.name}), not from metrics.json"
+                         + (" (rFID there is a Fréchet distance in the teacher's pooled feature space)" if "rfid" in filled else "")
+                         + (f"; in the table: {', '.join(table_fill)}" if table_fill else "; the table uses metrics.json"))
+        sections.append(_section(name, figs))
+
+    save_figure(plot_depth_curves(curve_runs), out, "depth_curves")
+    md, csv_text = ablation_table(table_runs)
+    (out / "ablation.md").write_text(md)
+    (out / "ablation.csv").write_text(csv_text)
+    (out / "nmi.json").write_text(json.dumps(nmi_all, indent=2, default=_json_num) + "\n")
+    header, rows = ablation_rows(table_runs)
+    index = out / "index.html"
+    index.write_text(_page(sections, table_html(header, rows), notes, split))
+    return index
+
+
+def _factor_kinds() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        from evotok.data.evoshapes import LOWLEVEL_FACTORS, SEMANTIC_FACTORS
+
+        return tuple(SEMANTIC_FACTORS), tuple(LOWLEVEL_FACTORS)
+    except ImportError:
+        return ("shape", "count"), ("color", "texture", "background")
+
+
+def _json_num(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def _figure_html(src: str, caption: str) -> str:
+    return (f'<figure><a href="{escape(src)}.pdf"><img src="{escape(src)}.png" alt="{escape(caption)}"></a>'
+            f"<figcaption>{escape(caption)} (<a href=\"{escape(src)}.pdf\">PDF</a>)</figcaption></figure>")
+
+
+def _section(name: str, figs: list[tuple[str, str]]) -> str:
+    body = "\n".join(_figure_html(f"{name}/{stem}", cap) for stem, cap in figs)
+    return f"<section><h2>{escape(name)}</h2>\n{body}\n</section>"
+
+
+def _page(sections: list[str], table: str, notes: list[str], split: str) -> str:
+    note_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>EvoTok analysis</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}} img{{max-width:100%}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+figure{{margin:1em 0}} figcaption{{color:#555;font-size:90%}}</style></head>
+<body><h1>EvoTok analysis ({escape(split)} split)</h1>
+<h2>Ablation table</h2>
+<p>rFID and PSNR at depth L<sub>pix</sub>, CLIPSIM<sub>sem</sub> at depth L<sub>sem</sub>
+(<a href="ablation.csv">CSV</a>, <a href="ablation.md">Markdown</a>, <a href="nmi.json">NMI numbers</a>).</p>
+{table}
+<h2>Per-depth metrics (Fig. 5b)</h2>
+{_figure_html("depth_curves", "per-depth rFID, PSNR, CLIPSIM_pix, CLIPSIM_sem; dotted: Lpix, dashed: Lsem")}
+{chr(10).join(sections)}
+<h2>Notes</h2><ul>{note_html or "<li>none</li>"}</ul>
+</body></html>
+"""

@@ -1,0 +1,1 @@
+"""Benchmarks: each function times one subsystem and writes a JSON file under results/."""

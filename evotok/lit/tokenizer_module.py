@@ -1,0 +1,260 @@
+"""LightningModule for the tokenizer stage: wires the EvoTok model, the frozen teacher, the losses and a
+PatchGAN discriminator. The nn.Modules compute; this file only adds optimisation, logging and checkpoints.
+
+Step semantics: manual optimisation with two optimisers. Only the generator's ``optimizer.step()``
+advances ``trainer.global_step``; the discriminator optimiser steps (only while the GAN is active,
+``step >= loss.gan_start`` and ``loss.gan_weight > 0``) without counting. So ``trainer.max_steps``,
+``loss.gan_start``, ``model.quantizer.ema_warmup`` and every logging cadence count generator steps
+(= batches when ``trainer.accumulate`` is 1). Gradient accumulation over ``accumulate_steps(cfg)``
+batches is done here (Lightning refuses it for manual optimisation): pass ``accumulate_grad_batches=1``
+to the Trainer for this module (``module.handles_accumulation`` is True).
+
+Frozen modules (the teacher, LPIPS) are not written into checkpoints; they are rebuilt from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from evotok.config import Config, accumulate_steps, from_dict, to_dict
+from evotok.models.discriminator import PatchDiscriminator
+from evotok.models.losses import TokenizerLoss, hinge_d_loss, token_cosine
+from evotok.models.tokenizer import build_tokenizer
+
+FROZEN_PREFIXES = ("teacher.", "loss.lpips.")
+
+
+def _noop() -> None:
+    return None
+
+
+def log_depths(depth: int) -> list[int]:
+    """Depths shown in image grids: 1, 2, 4, ... and always L."""
+    out, l = [], 1
+    while l < depth:
+        out.append(l)
+        l *= 2
+    return out + [depth]
+
+
+class TokenizerModule(L.LightningModule):
+    monitor = "val/psnr"
+    monitor_mode = "max"
+    handles_accumulation = True
+
+    def __init__(
+        self, config: dict | Config, teacher: Optional[torch.nn.Module] = None,
+        teacher_width: Optional[int] = None, teacher_grid: Optional[list] = None,
+    ):
+        """``teacher_width`` / ``teacher_grid`` are saved hyper-parameters (so ``load_from_checkpoint`` works);
+        when given they must agree with the teacher that ``config`` builds."""
+        super().__init__()
+        cfg = config if isinstance(config, Config) else from_dict(config)
+        self.cfg = cfg
+        self.automatic_optimization = False
+        if teacher is None:
+            from evotok.models.teacher import load_teacher
+
+            teacher = load_teacher(cfg)
+        self.teacher = teacher
+        width, grid = int(teacher.width), tuple(int(g) for g in teacher.token_grid)
+        if (teacher_width is not None and teacher_width != width) or (teacher_grid is not None and tuple(teacher_grid) != grid):
+            raise ValueError(
+                f"the teacher of this config has width {width} and grid {grid}, the checkpoint was trained with "
+                f"{teacher_width} and {tuple(teacher_grid or ())}: check teacher.arch / teacher.run / teacher.weights"
+            )
+        self.save_hyperparameters({"config": to_dict(cfg), "teacher_width": width, "teacher_grid": list(grid)})
+        self.model = build_tokenizer(cfg, width, grid)
+        self.loss = TokenizerLoss(cfg.loss)
+        self.disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
+        self.accumulate = accumulate_steps(cfg)
+        self.batches_seen = 0  # batches through training_step in this process (tests check step semantics)
+        self.last_val: dict[str, Any] = {}
+        self._val: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------- optimisers
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        gen = [p for p in self.model.parameters() if p.requires_grad]
+        betas = (float(o.betas[0]), float(o.betas[1]))
+        opt_g = torch.optim.Adam(gen, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+        opt_d = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=betas, weight_decay=o.weight_decay)
+        return [opt_g, opt_d]
+
+    def _set_lr(self, opt, base_lr: float, step: int) -> None:
+        w = self.cfg.optim.warmup_steps
+        lr = base_lr * min(1.0, (step + 1) / w) if w > 0 else base_lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+    def _clip(self, opt) -> None:
+        if self.cfg.optim.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+
+    @staticmethod
+    def _step_uncounted(opt) -> None:
+        """optimizer.step() through Lightning's wrapper (precision plugin, strategy) without advancing
+        trainer.global_step: the manual loop counts a step in the wrapper's _on_before/_on_after_step hooks,
+        which it re-installs before every training_step."""
+        before, after = opt._on_before_step, opt._on_after_step
+        opt._on_before_step, opt._on_after_step = _noop, _noop
+        try:
+            opt.step()
+        finally:
+            opt._on_before_step, opt._on_after_step = before, after
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int):
+        images = batch["image"]
+        opt_g, opt_d = self.optimizers()
+        step = self.global_step  # generator steps done so far
+        self.batches_seen += 1
+        self.model.quantizer.set_step(step)
+        first = batch_idx % self.accumulate == 0
+        last = (batch_idx + 1) % self.accumulate == 0
+
+        with torch.no_grad():
+            target = self.model.semantic_target(self.teacher.image_features(images)).float()
+        out = self.model(images)
+        gan_on = self.loss.gan_active(step)
+        self.disc.requires_grad_(False)
+        terms = self.loss(images, out.recon, out.semantic, target, out.quant.commit_loss, step, disc=self.disc if gan_on else None)
+        if first:
+            opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(terms.total / self.accumulate)
+        if last:
+            self._set_lr(opt_g, self.cfg.optim.lr, step)
+            self._clip(opt_g)
+            opt_g.step()
+
+        d_loss = None
+        if gan_on:
+            self.disc.requires_grad_(True)
+            d_loss = hinge_d_loss(self.disc(images), self.disc(out.recon.detach().float()))
+            if first:
+                opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss / self.accumulate)
+            if last:
+                self._set_lr(opt_d, self.cfg.optim.disc_lr, step)
+                self._clip(opt_d)
+                self._step_uncounted(opt_d)
+
+        # logged every batch; Lightning writes every trainer.log_every_n_steps (gating here would write stale values)
+        logs = {f"train/{k}": v.detach() for k, v in terms._asdict().items()}
+        logs["train/loss"] = logs.pop("train/total")
+        if d_loss is not None:
+            logs["train/disc"] = d_loss.detach()
+        for l in range(self.model.depth):
+            logs[f"train/usage_d{l + 1:02d}"] = out.quant.usage_L[l].detach().float()
+            logs[f"train/perplexity_d{l + 1:02d}"] = out.quant.perplexity_L[l].detach().float()
+        logs["train/lr"] = torch.tensor(float(opt_g.param_groups[0]["lr"]))
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.log("train/recon_step", terms.recon.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        t = self.cfg.trainer
+        if t.image_log_every_n_steps > 0 and step % t.image_log_every_n_steps == 0 and last:
+            self._log_images(images, out.quant.z_cum, step)
+        return terms.total.detach()
+
+    @torch.no_grad()
+    def _log_images(self, images: torch.Tensor, z_cum: torch.Tensor, step: int, n: int = 8) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image") or self.global_rank != 0:
+            return
+        from torchvision.utils import make_grid
+
+        depths = log_depths(self.model.depth)
+        x = images[:n].float()
+        cols = [x] + [self.model.decode_pixels(z_cum[l - 1][:n].detach(), l).float().clamp(0, 1) for l in depths]
+        grid = make_grid(torch.stack(cols, 1).flatten(0, 1), nrow=len(cols), padding=1)
+        exp.add_image(f"recon/original_then_depths_{'_'.join(map(str, depths))}", grid.cpu(), step)
+
+    # ------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        L_, K = self.model.depth, self.cfg.model.quantizer.codebook_size
+        dev = self.device
+        self._val = {
+            "psnr": torch.zeros((), device=dev, dtype=torch.float64),
+            "mse": torch.zeros((), device=dev, dtype=torch.float64),
+            "cos_sem": torch.zeros((), device=dev, dtype=torch.float64),
+            "cos_sem_d1": torch.zeros((), device=dev, dtype=torch.float64),
+            "n": torch.zeros((), device=dev, dtype=torch.float64),
+            "counts": torch.zeros(L_ * K, device=dev, dtype=torch.float64),
+        }
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        m, v = self.model, self._val
+        q = m.quantize(images)
+        recon = m.pixel_decoder(q.z_cum[m.lpix - 1]).float().clamp(0, 1)
+        mse = (recon - images.float()).pow(2).flatten(1).mean(1)
+        v["mse"] += mse.sum().double()
+        v["psnr"] += (-10.0 * torch.log10(mse.clamp_min(1e-10))).sum().double()
+        target = m.semantic_target(self.teacher.image_features(images)).float()
+        sem_L, sem_1 = m.semantic_decoder(q.z_cum[m.lsem - 1]), m.semantic_decoder(q.z_cum[0])
+        v["cos_sem"] += token_cosine(sem_L, target).sum().double()
+        v["cos_sem_d1"] += token_cosine(sem_1, target).sum().double()
+        v["n"] += images.shape[0]
+        L_, K = m.depth, self.cfg.model.quantizer.codebook_size
+        flat = (q.codes.reshape(-1, L_) + torch.arange(L_, device=q.codes.device) * K).reshape(-1)
+        v["counts"].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        red = {k: self.trainer.strategy.reduce(t, reduce_op="sum") for k, t in self._val.items()}
+        n = red["n"].clamp_min(1)
+        counts = red["counts"].view(self.model.depth, -1)
+        usage = (counts > 0).double().mean(1)
+        p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum(1))
+        logs = {
+            "val/psnr": red["psnr"] / n,
+            "val/mse": red["mse"] / n,
+            "val/clipsim_sem": red["cos_sem"] / n,
+            "val/clipsim_sem_d1": red["cos_sem_d1"] / n,
+            "val/usage_min": usage.min(),
+        }
+        for l in range(self.model.depth):
+            logs[f"val/usage_d{l + 1:02d}"] = usage[l]
+            logs[f"val/perplexity_d{l + 1:02d}"] = perplexity[l]
+        logs = {k: t.float() for k, t in logs.items()}
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False)
+        self.last_val = {
+            "step": int(self.global_step),
+            "scalars": {k.split("/", 1)[1]: float(t) for k, t in logs.items() if "_d" not in k or "clipsim" in k},
+            "usage": usage.tolist(),
+            "perplexity": perplexity.tolist(),
+        }
+        self._val = {}
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint["state_dict"]
+        for k, t in self.state_dict().items():
+            if k.startswith(FROZEN_PREFIXES):
+                sd[k] = t
+
+    def on_run_finished(self, run, trainer) -> None:
+        """Write the last validation's per-depth codebook usage / perplexity (whole val split) into metrics.json
+        (its scalars are already there: the trainer's metrics callback mirrors every logged value)."""
+        from evotok.runs import write_metrics
+
+        if not self.last_val:
+            return
+        write_metrics(
+            run, "tokenizer", trainer.global_step,
+            per_depth={"usage": self.last_val["usage"], "perplexity": self.last_val["perplexity"]},
+        )
+
+
+def build(cfg: Config) -> TokenizerModule:
+    """The tokenizer stage's LightningModule (called by evotok.lit.train.train)."""
+    return TokenizerModule(cfg)

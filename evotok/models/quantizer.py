@@ -1,0 +1,298 @@
+"""Residual vector quantizer with EMA codebooks, dead-code restarts and straight-through outputs.
+
+Per depth l = 1..L there is one codebook of K codes of dimension d (buffers, ``codebooks_LKd``). The
+nearest-code assignment is :func:`evotok.ops.rvq_assign` (no N x K matrix); every z_l passes its
+gradient straight through to the same input x.
+
+Training-mode forward, in this order (all under ``no_grad`` except the outputs):
+
+1. first training forward only: codebooks initialised depth by depth from the batch's residual inputs
+   (K distinct random rows; rows repeated with small noise if N < K), chosen on rank 0 and broadcast;
+2. assignment with the current codebooks; all outputs use these codebooks;
+3. EMA statistics (cluster sizes ``ema_size_LK`` and vector sums ``ema_sum_LKd``, accumulated with
+   :func:`evotok.ops.rvq.group_sums` -- a C++ grouped sum on CPU, ``index_add_`` / ``bincount``
+   elsewhere -- never a dense one-hot), summed over ranks with ``all_reduce`` when
+   torch.distributed is initialised: ``s <- decay * s + (1 - decay) * batch``;
+4. if ``step >= ema_warmup``: codes <- ``ema_sum / clamp(laplace(ema_size), min=1)`` with
+   ``laplace(n_k) = (n_k + eps) / (n + K eps) * n``, ``n = sum_k n_k``; then every code whose EMA
+   cluster size is below ``restart_threshold`` is replaced by a random residual input of its depth in
+   the batch (pooled over all ranks; indices drawn on rank 0 with the global RNG and broadcast), and its
+   statistics are reset to size ``max(1, restart_threshold)`` around the new vector. During warm-up
+   (``step < ema_warmup``) code vectors stay fixed; the statistics still accumulate;
+5. ``step += 1``.
+
+``l2_normalize`` normalises the input vectors to unit L2 norm before quantisation (z_l then
+approximates the normalised x); code vectors are not renormalised because residuals below depth 1 are
+not unit vectors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from evotok.config import QuantizerConfig
+from evotok.ops import IMPLS, rvq_assign
+from evotok.ops.rvq import group_sums
+
+LAPLACE_EPS = 1e-5
+INIT_NOISE = 1e-3  # relative std of the noise on repeated rows when the first batch has N < K
+
+
+class QuantizerOutput(NamedTuple):
+    z_cum: Tensor  # (L, *x.shape): cumulative sums z_1..z_L, each straight-through to x
+    codes: Tensor  # int64, (B,h,w,L) for (B,d,h,w) input, (B,N,L) for (B,N,d) input
+    commit_loss: Tensor  # scalar: mean over depths of mean((x - sg(zq_l))^2)
+    usage_L: Tensor  # (L,) fraction of the K codes used in this batch (this rank), per depth
+    perplexity_L: Tensor  # (L,) exp(entropy of the code histogram), per depth
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ResidualQuantizer(nn.Module):
+    def __init__(self, cfg: QuantizerConfig, depth: int):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        if cfg.codebook_size < 1:
+            raise ValueError(f"codebook_size must be >= 1, got {cfg.codebook_size}")
+        if cfg.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {cfg.dim}")
+        if not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+        if cfg.ema_warmup < 0:
+            raise ValueError(f"ema_warmup must be >= 0, got {cfg.ema_warmup}")
+        if cfg.restart_threshold < 0:
+            raise ValueError(f"restart_threshold must be >= 0, got {cfg.restart_threshold}")
+        if cfg.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {cfg.impl!r}")
+        self.cfg = cfg
+        self.depth = depth
+        L, K, d = depth, cfg.codebook_size, cfg.dim
+        self.register_buffer("codebooks_LKd", torch.zeros(L, K, d))
+        self.register_buffer("ema_size_LK", torch.ones(L, K))
+        self.register_buffer("ema_sum_LKd", torch.zeros(L, K, d))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.last_restarts_L: Tensor = torch.zeros(L, dtype=torch.long)  # restarts in the last update
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def set_step(self, step: int) -> None:
+        """Wire the trainer's global step in (the warm-up reads it)."""
+        self.step.fill_(int(step))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"depth={self.depth}, codebook_size={c.codebook_size}, dim={c.dim}, impl={c.impl!r}"
+
+    def _flatten(self, x: Tensor) -> tuple[Tensor, tuple]:
+        d = self.cfg.dim
+        if x.dim() == 4:
+            if x.shape[1] != d:
+                raise ValueError(f"x must have shape (B, {d}, h, w) or (B, N, {d}); got {tuple(x.shape)}")
+            B, _, h, w = x.shape
+            return x.permute(0, 2, 3, 1).reshape(B * h * w, d), ("bdhw", B, h, w)
+        if x.dim() == 3:
+            if x.shape[2] != d:
+                raise ValueError(f"x must have shape (B, {d}, h, w) or (B, N, {d}); got {tuple(x.shape)}")
+            B, N, _ = x.shape
+            return x.reshape(B * N, d), ("bnd", B, N)
+        raise ValueError(f"x must have shape (B, {d}, h, w) or (B, N, {d}); got {tuple(x.shape)}")
+
+    @staticmethod
+    def _unflatten(t_Nd: Tensor, layout: tuple) -> Tensor:
+        """(..., N, c) -> (..., B, c, h, w) or (..., B, N, c)."""
+        lead = t_Nd.shape[:-2]
+        c = t_Nd.shape[-1]
+        if layout[0] == "bdhw":
+            _, B, h, w = layout
+            t = t_Nd.reshape(*lead, B, h, w, c)
+            nl = len(lead)
+            return t.permute(*range(nl), nl, nl + 3, nl + 1, nl + 2)
+        _, B, N = layout
+        return t_Nd.reshape(*lead, B, N, c)
+
+    def _flat_index(self, codes_NL: Tensor) -> Tensor:
+        """(N, L') codes -> (L' * N,) rows of the (L * K, d) flattened codebooks, depth-major."""
+        L = codes_NL.shape[1]
+        offs = torch.arange(L, device=codes_NL.device) * self.cfg.codebook_size
+        return (codes_NL.T + offs[:, None]).reshape(-1)
+
+    def _gather_LNd(self, codes_NL: Tensor) -> Tensor:
+        """Code vectors (L', N, d) of (N, L') codes."""
+        L, N = codes_NL.shape[1], codes_NL.shape[0]
+        flat = self.codebooks_LKd.view(-1, self.cfg.dim)
+        return flat.index_select(0, self._flat_index(codes_NL)).view(L, N, self.cfg.dim)
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(self, x: Tensor) -> QuantizerOutput:
+        x_Nd, layout = self._flatten(x)
+        if self.cfg.l2_normalize:
+            x_Nd = F.normalize(x_Nd, dim=-1)
+        L, K = self.depth, self.cfg.codebook_size
+        with torch.no_grad():
+            xf = x_Nd.detach().float()
+            if self.training and not bool(self.initialized):
+                self._init_codebooks(xf)
+            codes_NL = rvq_assign(xf, self.codebooks_LKd, impl=self.cfg.impl).codes_NL
+            flat_idx = self._flat_index(codes_NL)  # (L*N,)
+            zq_LNd = self.codebooks_LKd.view(-1, self.cfg.dim).index_select(0, flat_idx)
+            zq_LNd = zq_LNd.view(L, -1, self.cfg.dim).cumsum(0)  # cumulative quantised values
+            if self.training:
+                counts_LK = self._ema_update(xf, zq_LNd, flat_idx)
+                self.step.add_(1)
+            else:
+                counts_LK = torch.bincount(flat_idx, minlength=L * K).view(L, K).float()
+            n = max(codes_NL.shape[0], 1)
+            p_LK = counts_LK / n
+            usage_L = (counts_LK > 0).float().mean(dim=1)
+            perplexity_L = torch.exp(-(p_LK * torch.log(p_LK.clamp_min(1e-30))).sum(dim=1))
+        zq_LNd = zq_LNd.to(x_Nd.dtype)
+        commit_loss = F.mse_loss(x_Nd[None].expand_as(zq_LNd), zq_LNd)  # = mean over depths of the means
+        # value exactly zq_l (so decode_codes rebuilds it bit for bit), gradient the identity to x
+        z_LNd = zq_LNd + (x_Nd - x_Nd.detach())[None]
+        z_cum = self._unflatten(z_LNd, layout)
+        if layout[0] == "bdhw":
+            codes = codes_NL.reshape(layout[1], layout[2], layout[3], L)
+        else:
+            codes = codes_NL.reshape(layout[1], layout[2], L)
+        return QuantizerOutput(z_cum, codes, commit_loss, usage_L, perplexity_L)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: Tensor, depth: Optional[int] = None) -> Tensor:
+        """z_depth from codes: (B,h,w,L') -> (B,d,h,w); (B,N,L') -> (B,N,d). depth defaults to L'."""
+        if not isinstance(codes, Tensor) or codes.dtype not in (torch.int64, torch.int32):
+            raise ValueError("codes must be an int64 (or int32) tensor")
+        if codes.dim() not in (3, 4):
+            raise ValueError(f"codes must have shape (B, h, w, L') or (B, N, L'); got {tuple(codes.shape)}")
+        Lc = codes.shape[-1]
+        if Lc > self.depth:
+            raise ValueError(f"codes have {Lc} depths but the quantizer has depth {self.depth}")
+        depth = Lc if depth is None else depth
+        if not isinstance(depth, int) or not 1 <= depth <= min(Lc, self.depth):
+            raise ValueError(
+                f"depth must be an int in [1, {min(Lc, self.depth)}] (codes have {Lc} depths, the quantizer "
+                f"{self.depth}); got {depth!r}"
+            )
+        K = self.cfg.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            raise ValueError(f"codes must lie in [0, {K}); got values in [{int(codes.min())}, {int(codes.max())}]")
+        codes_NL = codes.reshape(-1, Lc)[:, :depth].long()
+        zq_Nd = self._gather_LNd(codes_NL).cumsum(0)[-1]  # the same ops as forward: bit-identical z
+        if codes.dim() == 4:
+            B, h, w = codes.shape[:3]
+            return self._unflatten(zq_Nd, ("bdhw", B, h, w))
+        B, N = codes.shape[:2]
+        return self._unflatten(zq_Nd, ("bnd", B, N))
+
+    # ---------------------------------------------------------------------------------- learning
+
+    @torch.no_grad()
+    def _init_codebooks(self, x_Nd: Tensor) -> None:
+        """Depth by depth: K rows of that depth's residual inputs (rank 0's choice, broadcast)."""
+        L, K, d = self.depth, self.cfg.codebook_size, self.cfg.dim
+        r = x_Nd.clone()
+        for l in range(L):
+            N = r.shape[0]
+            if N == 0:
+                raise ValueError("the first training batch is empty; codebooks are initialised from it")
+            if N >= K:
+                rows = r[torch.randperm(N, device=r.device)[:K]]
+            else:
+                reps = -(-K // N)
+                rows = r[torch.randperm(N, device=r.device)].repeat(reps, 1)[:K].clone()
+                scale = INIT_NOISE * (r.std() + 1e-12)
+                rows[N:] += torch.randn_like(rows[N:]) * scale
+            if _dist_on():
+                dist.broadcast(rows, src=0)
+            self.codebooks_LKd[l].copy_(rows)
+            codes = rvq_assign(r, rows[None], impl=self.cfg.impl).codes_NL[:, 0]
+            r = r - rows[codes]
+        self.ema_size_LK.fill_(1.0)
+        self.ema_sum_LKd.copy_(self.codebooks_LKd)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, x_Nd: Tensor, zq_LNd: Tensor, flat_idx: Tensor) -> Tensor:
+        """EMA step (see the module docstring); returns this rank's code counts (L, K)."""
+        L, K, d = self.depth, self.cfg.codebook_size, self.cfg.dim
+        decay = self.cfg.ema_decay
+        # residual inputs of each depth: r_0 = x, r_l = x - zq_l
+        r_LNd = torch.empty_like(zq_LNd)
+        r_LNd[0] = x_Nd
+        torch.sub(x_Nd[None], zq_LNd[:-1], out=r_LNd[1:])
+        sums, counts = group_sums(flat_idx, r_LNd.reshape(-1, d), L * K)
+        counts_LK = counts.view(L, K).clone()
+        if _dist_on():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.ema_size_LK.mul_(decay).add_(counts.view(L, K), alpha=1 - decay)
+        self.ema_sum_LKd.mul_(decay).add_(sums.view(L, K, d), alpha=1 - decay)
+        self.last_restarts_L = torch.zeros(L, dtype=torch.long)
+        if int(self.step) < self.cfg.ema_warmup:
+            return counts_LK  # warm-up: code vectors held fixed
+        n = self.ema_size_LK.sum(dim=1, keepdim=True)
+        size = (self.ema_size_LK + LAPLACE_EPS) / (n + K * LAPLACE_EPS) * n
+        self.codebooks_LKd.copy_(self.ema_sum_LKd / size.clamp_min(1.0)[..., None])
+        self._restart_dead(r_LNd)
+        return counts_LK
+
+    @torch.no_grad()
+    def _restart_dead(self, r_LNd: Tensor) -> None:
+        """Replace codes whose EMA size < restart_threshold by random residual inputs of their depth."""
+        thr = self.cfg.restart_threshold
+        dead_LK = self.ema_size_LK < thr  # identical on every rank (synchronised statistics)
+        n_dead_L = dead_LK.sum(dim=1)
+        total_dead = int(n_dead_L.sum())
+        self.last_restarts_L = n_dead_L.cpu()
+        if total_dead == 0:
+            return
+        L, N_local, d = r_LNd.shape
+        dev = r_LNd.device
+        if _dist_on():
+            ws, rank = dist.get_world_size(), dist.get_rank()
+            sizes = torch.zeros(ws, dtype=torch.long, device=dev)
+            sizes[rank] = N_local
+            dist.all_reduce(sizes)
+            sizes = sizes.cpu()
+        else:
+            rank, sizes = 0, torch.tensor([N_local])
+        N_total = int(sizes.sum())
+        offset = int(sizes[:rank].sum())
+        # rank 0 draws, per dead code, an index into its depth's pooled residual inputs
+        pick = torch.zeros(total_dead, dtype=torch.long)
+        if rank == 0:
+            parts = []
+            for l in range(L):
+                m = int(n_dead_L[l])
+                if m:
+                    parts.append(torch.randperm(N_total)[:m] if m <= N_total else torch.randint(N_total, (m,)))
+            pick = torch.cat(parts)
+        pick = pick.to(dev)
+        depth_of = torch.repeat_interleave(torch.arange(L, device=dev), n_dead_L.to(dev))
+        if _dist_on():
+            dist.broadcast(pick, src=0)
+        local = pick - offset
+        if N_local:
+            rows = depth_of * N_local + local.clamp(0, N_local - 1)
+            vecs = r_LNd.reshape(L * N_local, d).index_select(0, rows).float()
+        else:
+            vecs = torch.zeros(total_dead, d, device=dev)
+        if _dist_on():
+            mine = (local >= 0) & (local < N_local)
+            vecs = vecs * mine[:, None]
+            dist.all_reduce(vecs)  # exactly one rank contributes each row
+        flat = dead_LK.reshape(-1).nonzero()[:, 0]  # row-major: matches depth_of's order
+        reset = max(1.0, thr)
+        K = self.cfg.codebook_size
+        self.codebooks_LKd.view(L * K, d).index_copy_(0, flat, vecs)
+        self.ema_size_LK.view(L * K).index_fill_(0, flat, reset)
+        self.ema_sum_LKd.view(L * K, d).index_copy_(0, flat, vecs * reset)

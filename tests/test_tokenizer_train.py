@@ -1,0 +1,154 @@
+"""A 30-step tiny tokenizer training run: the loss goes down, step semantics with two optimisers,
+checkpoint reload, and the clear errors (missing teacher weights, other Lpix/Lsem, wrong resolution)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evotok.api import TokenizerLoadError, load_tokenizer
+from evotok.config import load_config
+from evotok.runs import RunDir
+
+STEPS, GAN_START = 30, 25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads per process can be 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_overrides(tmp_path, name: str = "t", steps: int = STEPS) -> list[str]:
+    return [
+        f"run.dir={tmp_path / 'runs'}", f"run.name={name}", "run.seed=0", "teacher.run=", "teacher.random_init=true",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.train_size=512", "data.val_size=64", "data.test_size=16",
+        "data.batch_size=16", "model.quantizer.codebook_size=64", "optim.lr=2e-3", f"trainer.max_steps={steps}",
+        f"trainer.val_every_n_steps={steps}", f"trainer.ckpt_every_n_steps={steps}", "trainer.log_every_n_steps=1",
+        f"trainer.image_log_every_n_steps={steps - 1}", "trainer.progress_bar=false", "trainer.threads=1",
+        # the GAN switches on for the last steps: its optimiser must not advance trainer.global_step
+        f"loss.gan_start={GAN_START}", "loss.gan_weight=0.01",
+    ]
+
+
+def scalar_series(run: RunDir, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run.tb), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)], acc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from evotok.lit.train import train
+
+    tmp = tmp_path_factory.mktemp("tok")
+    cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp) + ["trainer.max_minutes=0"])
+    run = train(cfg, "tokenizer")
+    return cfg, run
+
+
+def test_training_lowers_reconstruction_loss(trained):
+    import lightning as L
+
+    from evotok.data.datamodule import EvoTokDataModule
+    from evotok.lit.tokenizer_module import build
+
+    cfg, run = trained
+    recon, _ = scalar_series(run, "train/recon")
+    assert len(recon) == STEPS  # logged once per batch: one generator step per batch
+    assert all(v == v for v in recon)
+    # noisy per-batch values: compare windows before the GAN switches on (it perturbs the reconstruction at first)
+    assert sum(recon[GAN_START - 8:GAN_START]) / 8 < 0.9 * sum(recon[:4]) / 4, recon
+    # the whole val split: the trained tokenizer against the same tokenizer before training (same seed)
+    L.seed_everything(cfg.run.seed, verbose=False)
+    before = build(cfg).eval()
+    dm = EvoTokDataModule(cfg, stage="tokenizer")
+    dm.prepare_data()
+    dm.setup("fit")
+    with torch.no_grad():
+        errs = [(before.model(b["image"]).recon.clamp(0, 1) - b["image"]).pow(2).flatten(1).mean(1) for b in dm.val_dataloader()]
+    mse_before = torch.cat(errs).mean().item()
+    mse_after = json.loads(run.metrics.read_text())["scalars"]["val/mse"]
+    assert mse_after < 0.7 * mse_before, (mse_before, mse_after)
+
+
+def test_max_steps_counts_generator_steps(trained):
+    _, run = trained
+    ckpt = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == STEPS
+    disc, acc = scalar_series(run, "train/disc")
+    assert len(disc) == STEPS - GAN_START  # the discriminator trained on every batch once the GAN was on
+    metrics = json.loads(run.metrics.read_text())
+    assert metrics["step"] == STEPS
+    assert len(metrics["per_depth"]["usage"]) == 16 and 0 < min(metrics["per_depth"]["usage"]) <= 1
+    assert "val/psnr" in metrics["scalars"] and metrics["scalars"]["val/psnr"] > 5
+    assert any(t.startswith("recon/") for t in acc.Tags()["images"])
+    # frozen modules are not stored; the generator and the discriminator are
+    keys = ckpt["state_dict"].keys()
+    assert not any(k.startswith("teacher.") for k in keys)
+    assert any(k.startswith("model.quantizer.codebooks_LKd") for k in keys) and any(k.startswith("disc.") for k in keys)
+    assert ckpt["hyper_parameters"]["config"]["model"]["lsem"] == 16
+
+
+def test_checkpoint_reload_gives_identical_codes(trained):
+    from evotok.lit.tokenizer_module import TokenizerModule
+
+    _, run = trained
+    torch.manual_seed(1)
+    x = torch.rand(6, 3, 32, 32)
+    module = TokenizerModule.load_from_checkpoint(str(run.last_ckpt), map_location="cpu").eval()
+    a = load_tokenizer(run.last_ckpt)
+    b = load_tokenizer(run.path)  # the run folder: best.ckpt (same step here)
+    assert not a.training
+    with torch.no_grad():
+        codes = module.model.encode(x)
+        assert torch.equal(codes, a.encode(x)) and torch.equal(codes, b.encode(x))
+        assert torch.equal(a.encode(x), a.encode(x))  # eval mode: no codebook updates
+        torch.testing.assert_close(module.model.decode_pixels(codes), a.decode_pixels(codes), rtol=0, atol=0)
+
+
+def test_reload_with_other_lpix_lsem_fails_clearly(trained):
+    _, run = trained
+    with pytest.raises(TokenizerLoadError, match=r"model\.lpix=4.*model\.lpix=16"):
+        load_tokenizer(run.path, lpix=16, lsem=4)
+    with pytest.raises(TokenizerLoadError, match=r"model\.preset='tiny'.*model\.preset='paper'"):
+        load_tokenizer(run.path, preset="paper")
+    assert load_tokenizer(run.path, preset="tiny", lpix=4, lsem=16).lsem == 16
+
+
+def test_wrong_resolution_fails_clearly(trained):
+    _, run = trained
+    model = load_tokenizer(run.path)
+    with pytest.raises(ValueError, match=r"data\.resolution=32"):
+        model.encode(torch.rand(2, 3, 48, 48))
+
+
+def test_missing_teacher_weights_file_fails_clearly(tmp_path):
+    from evotok.lit.tokenizer_module import build
+
+    missing = tmp_path / "no_such_teacher.pt"
+    cfg = load_config("tokenizer/evotok_tiny", ["teacher.run=", "teacher.random_init=false", f"teacher.weights={missing}"])
+    with pytest.raises(FileNotFoundError, match="teacher.weights") as e:
+        build(cfg)
+    assert str(missing) in str(e.value)
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    """bf16-mixed (the paper setting on GPU) through the same code path, here with CPU autocast."""
+    from evotok.lit.train import train
+
+    cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "bf16", steps=2) + [
+        "trainer.max_minutes=0", "trainer.precision=bf16-mixed", "loss.gan_start=1", "data.train_size=32",
+        "data.val_size=16", "data.batch_size=8", "trainer.image_log_every_n_steps=1",
+    ])
+    run = train(cfg, "tokenizer")
+    scalars = json.loads(run.metrics.read_text())["scalars"]
+    assert scalars["val/psnr"] == scalars["val/psnr"] and "train/disc" in scalars
+    assert torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
