@@ -44,29 +44,10 @@ def default_path(run_path: str | Path, split: str, n_images: int) -> Path:
 
 
 def apply_data_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-    """A copy of ``cfg`` whose ``data`` section has ``key=value`` overrides applied (``data.`` prefix optional).
-    Unknown keys fail with the key's name."""
-    if not overrides:
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """``cfg`` with data overrides applied; the ``data.`` prefix is optional."""
+    from evotok.config import with_overrides
 
-    from evotok.config import ConfigError, validate
-
-    data = OmegaConf.structured(cfg.data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"data override '{item}' is not of the form key=value")
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        key = key[len("data."):] if key.startswith("data.") else key
-        try:
-            data = OmegaConf.merge(data, OmegaConf.from_dotlist([f"{key}={raw}"]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad data override 'data.{key}' ({item!r}): {str(e).splitlines()[0]}") from None
-    new = dataclasses.replace(cfg, data=OmegaConf.to_object(data))
-    validate(new)
-    return new
+    return with_overrides(cfg, [o if o.startswith("data.") else f"data.{o}" for o in overrides])
 
 
 def cache_key(ckpt: Path, data_cfg: Any, split: str, n_images: int, n_positions: int, seed: int,

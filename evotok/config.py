@@ -330,6 +330,28 @@ def load_config(
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: Iterable[str] = ()) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied, checked like command-line overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    if not overrides:
+        return cfg
+    merged = OmegaConf.structured(cfg)
+    for item in overrides:
+        key, value = _parse_override(item)
+        tree = _nest(key, value)
+        _check_keys(tree, f"override '{item}'")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(tree))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad value for config key '{key}' (from override '{item}'): {_first_line(e)}") from None
+    new: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(new)
+    return new
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

@@ -15,7 +15,7 @@ from evotok.config import REPO_ROOT, ConfigError, load_config
 
 PIPELINE_DIR = REPO_ROOT / "experiments" / "pipelines"
 PIPELINES = tuple(sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml")))
-STEP_KINDS = ("data_preview", "train", "eval_recon", "figures")
+STEP_KINDS = ("data_preview", "train", "eval_recon", "figures", "record")
 
 
 def load_pipeline(name: str) -> dict[str, Any]:
@@ -72,8 +72,22 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
             from analysis.make_figures import make_figures
 
             run = runs[step["stage"]]
-            index = make_figures([run], run / "figures")
+            n_images = min(step.get("n_images", 512), RunDir(run).load_config().data.val_size)
+            index = make_figures([run], run / "figures", n_images=n_images)
             print(f"figures: {Path(index).resolve()}")
+            from evotok.eval.grid import save_recon_grid
+
+            print(f"reconstruction grid: {save_recon_grid(run, run / 'figures' / 'recon_grid.png').resolve()}")
+        elif kind == "record":  # README numbers: results/<name>.json from a run folder (evotok.readme)
+            from evotok.readme import record
+
+            run = runs[step["stage"]]
+            out = record(step["name"], run, curve_tag=step.get("curve"))
+            if step.get("nmi_name"):
+                import shutil
+
+                shutil.copy(run / "figures" / "nmi.json", out.parent / f"{step['nmi_name']}.json")
+            print(f"recorded: {out}")
     print(f"\n{name} pipeline done in {time.time() - t0:.0f}s; run folders:")
     for stage, path in runs.items():
         print(f"  {stage}: {path.resolve()}")

@@ -99,6 +99,8 @@ def render_nmi(results: Path) -> str:
     data = _load("nmi_evotok_tiny", results)
     if data is None:
         return _missing("evotok figures --run RUN --out DIR && python -m evotok.readme record-nmi DIR")
+    if "nmi" not in data:  # a figures folder's nmi.json: {run name: {lpix, lsem, ..., nmi}}
+        data = next(iter(data.values()))
     nmi = data["nmi"]
     factors = list(nmi)
     depth = len(nmi[factors[0]])
@@ -127,9 +129,36 @@ def render_readme(text: str, results: Path = RESULTS) -> str:
     return BLOCK.sub(sub, text)
 
 
-def record(name: str, run_dir: Path, results: Path = RESULTS) -> Path:
-    """Copy a run's metrics.json (plus the command from provenance.json) to results/NAME.json."""
+def tb_curve(run_dir: Path, tag: str = "val/psnr") -> list[dict]:
+    """[{step, minutes, <tag leaf>}] from a run's TensorBoard events (minutes since the first event)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((Path(run_dir) / "tb").rglob("events.out.tfevents.*"))
+    points: dict[int, tuple[float, float]] = {}
+    start = None
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag not in acc.Tags().get("scalars", []):
+            continue
+        for ev in acc.Scalars(tag):
+            points[ev.step] = (ev.wall_time, ev.value)
+        first = min(acc.Scalars(tag)[0].wall_time, *(e.wall_time for e in acc.Scalars(tag)))
+        start = first if start is None else min(start, first)
+    leaf = tag.rsplit("/", 1)[-1]
+    out = []
+    for step in sorted(points):
+        wall, value = points[step]
+        out.append({"step": step, "minutes": (wall - (start or wall)) / 60.0, leaf: value})
+    return out
+
+
+def record(name: str, run_dir: Path, results: Path = RESULTS, curve_tag: Optional[str] = None) -> Path:
+    """Copy a run's metrics.json (plus the command from provenance.json, and optionally a TensorBoard
+    curve) to results/NAME.json."""
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    if curve_tag:
+        metrics["curve"] = tb_curve(Path(run_dir), curve_tag)
     prov_path = Path(run_dir) / "provenance.json"
     if prov_path.is_file():
         prov = json.loads(prov_path.read_text())

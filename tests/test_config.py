@@ -139,3 +139,16 @@ def test_two_core_defaults():
 def test_every_experiment_yaml_resolves(path):
     cfg = load_config(str(path))
     assert cfg.depth == max(cfg.model.lpix, cfg.model.lsem)
+
+
+def test_with_overrides_checks_like_the_command_line():
+    from evotok.config import with_overrides
+
+    cfg = load_config(None)
+    new = with_overrides(cfg, ["data.source=realphotos", "data.resolution=64"])
+    assert new.data.source == "realphotos" and new.data.resolution == 64 and cfg.data.source == "evoshapes"
+    assert with_overrides(cfg, []) is cfg
+    with pytest.raises(ConfigError, match="did you mean 'data.source'"):
+        with_overrides(cfg, ["data.sourc=folder"])
+    with pytest.raises(ConfigError, match="'data.source'"):
+        with_overrides(cfg, ["data.source=imagenet"])

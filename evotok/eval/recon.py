@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from evotok.config import with_overrides
 from evotok.eval.metrics import (
     CodeHistogram,
     FIDPerDepth,
@@ -67,22 +68,6 @@ def format_table(per_depth: dict[str, list], prefix: str = "") -> str:
     return "\n".join(rows)
 
 
-def apply_overrides(cfg, overrides: Sequence[str]):
-    """``cfg`` with ``key=value`` overrides applied (validated like command-line overrides)."""
-    if not overrides:
-        return cfg
-    from omegaconf import OmegaConf
-
-    from evotok.config import _check_keys, _nest, _parse_override, from_dict, to_dict
-
-    tree = OmegaConf.create(to_dict(cfg))
-    for item in overrides:
-        key, value = _parse_override(item)
-        _check_keys(_nest(key, value), f"override '{item}'")
-        tree = OmegaConf.merge(tree, OmegaConf.create(_nest(key, value)))
-    return from_dict(OmegaConf.to_container(tree))  # type: ignore[arg-type]
-
-
 @torch.no_grad()
 def evaluate_recon(
     run_or_ckpt: str | Path,
@@ -114,7 +99,7 @@ def evaluate_recon(
     run, ckpt = resolve_run(run_or_ckpt)
     dev = _resolve_device(device)
     tok = load_tokenizer(ckpt).to(dev).eval()
-    cfg = apply_overrides(getattr(tok, "config", None) or run.load_config(), data_overrides)
+    cfg = with_overrides(getattr(tok, "config", None) or run.load_config(), data_overrides)
     limit = max_images or cfg.eval.max_images
     inception = InceptionPool(cfg.eval.inception_weights).to(dev) if cfg.eval.fid_features == "inception" else None
     teacher = load_teacher(cfg).to(dev)  # the tokenizer's own teacher (teacher.* of its config)
