@@ -79,3 +79,10 @@ def test_dry_run_prints_resolved_config(capsys):
     assert main(["train", "lm", "--dry-run", "model.lpix=7", "model.lsem=2"]) == 0
     out = capsys.readouterr().out
     assert "lpix: 7" in out and "depth L = max(lpix, lsem) = 7" in out
+
+
+def test_dry_run_describes_the_paper_tokenizer_without_weights(capsys):
+    assert main(["train", "tokenizer", "--config", "tokenizer/evotok_paper", "--dry-run", "model.encoder_weights="]) == 0
+    out = capsys.readouterr().out
+    assert "latent grid (16, 16), depth L=16 (Lpix=4, Lsem=16), K=32768, d=32" in out
+    assert "width 1024, grid (16, 16)" in out and "M trainable" in out and "GiB per device" in out

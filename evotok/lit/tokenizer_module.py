@@ -258,3 +258,43 @@ class TokenizerModule(L.LightningModule):
 def build(cfg: Config) -> TokenizerModule:
     """The tokenizer stage's LightningModule (called by evotok.lit.train.train)."""
     return TokenizerModule(cfg)
+
+
+def describe(cfg: Config) -> str:
+    """For ``--dry-run``: parameter counts and an estimate of training memory, built on the meta device
+    (no weights are read, nothing is allocated)."""
+    import open_clip
+
+    from evotok.models.teacher import register_open_clip_configs
+
+    register_open_clip_configs()
+    clip_cfg = open_clip.get_model_config(cfg.teacher.arch)
+    if clip_cfg is None:
+        raise ValueError(f"teacher.arch = {cfg.teacher.arch!r} is not an open_clip architecture")
+    vision = clip_cfg["vision_cfg"]
+    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+    size = size if isinstance(size, int) else size[0]
+    with torch.device("meta"):
+        if "timm_model_name" in vision:  # e.g. SigLIP2 towers: ask the timm model itself
+            import timm
+
+            tower = timm.create_model(vision["timm_model_name"], pretrained=False, img_size=size)
+            width, grid = int(tower.embed_dim), tuple(int(g) for g in tower.patch_embed.grid_size)
+        else:
+            width, grid = int(vision["width"]), (size // patch, size // patch)
+        model = build_tokenizer(cfg, width, grid)
+        disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers())
+    n_disc = sum(p.numel() for p in disc.parameters())
+    # fp32 weights + gradients + two Adam moments for what trains; weights only for what is frozen
+    state_gib = (16 * (trainable + n_disc) + 4 * (frozen + buffers)) / 2**30
+    return "\n".join([
+        f"# tokenizer preset {cfg.model.preset!r}: latent grid {model.grid}, depth L={model.depth} "
+        f"(Lpix={model.lpix}, Lsem={model.lsem}), K={cfg.model.quantizer.codebook_size}, d={cfg.model.quantizer.dim}",
+        f"# parameters: {trainable / 1e6:.2f} M trainable, {frozen / 1e6:.2f} M frozen (encoder tail), "
+        f"discriminator {n_disc / 1e6:.2f} M; teacher {cfg.teacher.arch} (frozen; width {width}, grid {grid}) not counted",
+        f"# buffers (codebooks + EMA statistics): {buffers / 1e6:.2f} M",
+        f"# estimated model + optimiser state: {state_gib:.2f} GiB per device (fp32; activations come on top)",
+    ])
