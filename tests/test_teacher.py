@@ -210,3 +210,18 @@ def test_lr_schedule_warmup_cosine_constant_and_bad_name():
 
     with pytest.raises(ConfigError, match="teacher.lr_schedule"):
         TeacherModule(to_dict(load_config(None, ["teacher.lr_schedule=linear"])))
+
+
+def test_random_init_teacher_is_the_same_on_every_load():
+    import torch
+
+    from evotok.config import load_config
+    from evotok.models.teacher import load_teacher
+
+    cfg = load_config(None, ["teacher.random_init=true"])
+    torch.manual_seed(1)
+    a = load_teacher(cfg)
+    torch.manual_seed(2)
+    b = load_teacher(cfg)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(a.image_features(x), b.image_features(x))

@@ -288,12 +288,18 @@ def teacher_from_run(run_or_ckpt: str | Path) -> Teacher:
     return Teacher(clip, arch=arch)
 
 
+RANDOM_INIT_SEED = 0
+
+
 def load_teacher(cfg: "Config") -> Teacher:
     """A frozen Teacher from ``cfg.teacher``: ``random_init`` (an explicit opt-in for tests, so it wins over
     a ``run`` that base.yaml may set), else the ``run`` folder, else ``arch`` + local ``weights``."""
     t = cfg.teacher
     if t.random_init:
-        teacher = Teacher(build_clip(t.arch), arch=t.arch)
+        # seeded apart from the global RNG, so every load (training, eval, analysis) rebuilds the same teacher
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            teacher = Teacher(build_clip(t.arch), arch=t.arch)
     elif t.run:
         teacher = teacher_from_run(t.run)
     elif t.weights:
