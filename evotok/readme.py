@@ -57,13 +57,31 @@ def render_bench_quantizer(results: Path) -> str:
     data = _load("bench_quantizer", results)
     if data is None:
         return _missing("evotok bench quantizer")
-    cols = data.get("columns") or list(data["rows"][0].keys())
-    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    rows = [
+        "| N | d | L | K | method | ms | speed-up vs best gemm | GFLOP/s | x compute floor | peak extra MiB | codes = ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
-        rows.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    notes = "\n".join(f"- {n}" for n in data.get("notes", []))
-    meta = f"Measured {data.get('date', '?')} on {data.get('host_summary', data.get('cpu_count', '?'))} (`evotok bench quantizer`)."
-    return "\n".join(rows) + f"\n\n{meta}\n" + (f"\n{notes}\n" if notes else "")
+        name = f"**{r['impl']}**" if r.get("best_gemm") else r["impl"]
+        rows.append(
+            f"| {r['N']} | {r['d']} | {r['L']} | {r['K']} | {name} | {r['ms']:,.0f} | {r['speedup_vs_gemm']:.2f} | "
+            f"{r['gflops']:.1f} | {r['floor_ratio']:.2f} | {_fmt(r.get('peak_extra_mib'), 1)} | {r['agree']:.4f} |"
+        )
+    training = data.get("training") or []
+    training = [training] if isinstance(training, dict) else training
+    machine = data.get("machine", {})
+    text = "\n".join(rows) + (
+        f"\n\nSquare fp32 GEMM rate measured in the same run: {data['gemm_rate_gflops']:.0f} GFLOP/s "
+        f"({machine.get('threads', '?')} threads, C++ kernel built for {machine.get('cpp_simd', '?')}); "
+        "the compute floor is 2·N·K·d·L flops at that rate; **bold** = the best gemm chunk size (the baseline).\n"
+    )
+    for t in training:
+        text += (
+            f"\nTraining-mode `ResidualQuantizer` forward (EMA + restarts, N={t['N']}, d={t['d']}, L={t['L']}, "
+            f"K={t['K']}): {t['train_forward_ms']:,.0f} ms = {t['ratio_train_vs_assign']:.2f}x the eval-mode "
+            f"assignment ({t['eval_assign_ms']:,.0f} ms); target {t['target_ratio']}x.\n"
+        )
+    return text
 
 
 def render_teacher(results: Path) -> str:
