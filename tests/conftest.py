@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Seeded; one intra-op thread: the test models are tiny, one thread is as fast, and two OpenMP threads
+    per process collapse (up to 10x slower) when the 2-core machine is shared."""
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -19,9 +21,18 @@ def _seed_and_threads():
         return
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def random_teacher():
+    """The tiny open_clip teacher with seeded random weights (no training, no files)."""
+    from evotok.config import load_config
+    from evotok.models.teacher import load_teacher
+
+    return load_teacher(load_config(None, ["teacher.random_init=true"]))
 
 
 def pytest_collection_modifyitems(config, items):

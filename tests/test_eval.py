@@ -24,24 +24,6 @@ from evotok.eval.metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not collapse on a loaded 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher():
-    from evotok.config import load_config
-    from evotok.models.teacher import load_teacher
-
-    torch.manual_seed(0)
-    return load_teacher(load_config(None, ["teacher.random_init=true"]))
-
-
 def _images(n=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     # smooth-ish images so that SSIM is not dominated by noise
@@ -123,9 +105,9 @@ def test_fid_per_depth_with_a_feature_module():
     assert abs(exact) < 1e-6 and noisy > 1e-3
 
 
-def test_fid_teacher_features_and_tiny_batches(tiny_teacher):
-    feature = TeacherPooled(tiny_teacher)
-    assert feature.num_features == tiny_teacher.embed_dim
+def test_fid_teacher_features_and_tiny_batches(random_teacher):
+    feature = TeacherPooled(random_teacher)
+    assert feature.num_features == random_teacher.embed_dim
     fid = FIDPerDepth(feature, depth=1)
     x = _images(n=1)
     fid.update(x, [x])

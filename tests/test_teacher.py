@@ -22,19 +22,9 @@ from evotok.models.teacher import (
 ARCH = "evotok-teacher-tiny"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not collapse on a loaded 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    return load_teacher(load_config(None, ["teacher.random_init=true"]))
+@pytest.fixture
+def teacher(random_teacher):
+    return random_teacher
 
 
 def test_registered_with_open_clip_idempotently():

@@ -16,15 +16,6 @@ TINY_YAMLS = {"tokenizer/evotok_tiny": (4, 16), "tokenizer/entangled_tiny": (4, 
 TEACHER_WIDTH, TEACHER_GRID = 128, (4, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads per process can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cfg(preset: str = "tiny", lpix: int = 4, lsem: int = 16, *extra: str):
     return load_config(None, [f"model.preset={preset}", f"model.lpix={lpix}", f"model.lsem={lsem}",
                               "model.quantizer.codebook_size=64", *extra])

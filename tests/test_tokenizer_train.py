@@ -15,15 +15,6 @@ from evotok.runs import RunDir
 STEPS, GAN_START = 30, 25
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads per process can be 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_overrides(tmp_path, name: str = "t", steps: int = STEPS) -> list[str]:
     return [
         f"run.dir={tmp_path / 'runs'}", f"run.name={name}", "run.seed=0", "teacher.run=", "teacher.random_init=true",
