@@ -107,8 +107,8 @@ def render_tokenizer(results: Path, name: str) -> str:
     extra = ""
     curve = data.get("curve")
     if curve:
-        extra = "\n\nValidation PSNR at Lpix during training: " + ", ".join(
-            f"{c['minutes']:.1f} min: {c['psnr']:.2f} dB" for c in curve
+        extra = "\n\nValidation PSNR at Lpix during training (step, minutes since the first logged step): " + ", ".join(
+            f"{c['step']} ({c['minutes']:.1f} min): {c['psnr']:.2f} dB" for c in curve
         ) + "."
     return "\n".join(rows) + extra + f"\n\nStep {data['step']}; command: `{data.get('command', '?')}`.\n"
 
@@ -161,7 +161,8 @@ def tb_curve(run_dir: Path, tag: str = "val/psnr") -> list[dict]:
             continue
         for ev in acc.Scalars(tag):
             points[ev.step] = (ev.wall_time, ev.value)
-        first = min(acc.Scalars(tag)[0].wall_time, *(e.wall_time for e in acc.Scalars(tag)))
+        # the run's start: the first event of any scalar (the first training-loss log)
+        first = min(e.wall_time for t in acc.Tags()["scalars"] for e in acc.Scalars(t)[:1])
         start = first if start is None else min(start, first)
     leaf = tag.rsplit("/", 1)[-1]
     out = []

@@ -7,6 +7,7 @@ The LightningModule sets ``monitor`` (a logged validation metric) and ``monitor_
 from __future__ import annotations
 
 import importlib
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,6 +19,14 @@ STAGE_BUILDERS: dict[str, str] = {
     "teacher": "evotok.lit.teacher_module",
     "tokenizer": "evotok.lit.tokenizer_module",
 }
+
+
+# Lightning warnings that describe what the suite does on purpose: frozen teachers sit in eval mode, and
+# last.ckpt holds the post-step state of manually optimised modules.
+EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"Using ModelCheckpoint with manual optimization",
+)
 
 
 class StageNotBuilt(NotImplementedError):
@@ -153,7 +162,10 @@ def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamod
     ckpt = run.last_ckpt if run.last_ckpt.is_file() else None
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {stage} run from {ckpt}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     if trainer.is_global_zero:
         finish = getattr(module, "on_run_finished", None)
         if finish is not None:
