@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from evotok.models.encoders import AttnBlock, ResBlock, group_norm, per_level
+from evotok.models.encoders import ResBlock, group_norm, mid_stack, per_level
 
 
 class PixelDecoder(nn.Module):
@@ -29,12 +29,7 @@ class PixelDecoder(nn.Module):
         self.post_quant = nn.Conv2d(in_dim, post_ch, 1)
         c = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(post_ch, c, 3, padding=1)
-        mid: list[nn.Module] = []
-        for j in range(mid_blocks):
-            mid.append(ResBlock(c, c))
-            if mid_attn and j == 0:
-                mid.append(AttnBlock(c))
-        self.mid = nn.Sequential(*mid)
+        self.mid = mid_stack(c, mid_blocks, mid_attn)
         layers: list[nn.Module] = []
         for i in reversed(range(len(ch_mult))):
             for _ in range(blocks[i]):

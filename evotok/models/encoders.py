@@ -63,6 +63,16 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+def mid_stack(channels: int, blocks: int, attn: bool) -> nn.Sequential:
+    """The middle of a VQGAN-style encoder or decoder: ResBlocks, self-attention after the first."""
+    layers: list[nn.Module] = []
+    for j in range(blocks):
+        layers.append(ResBlock(channels, channels))
+        if attn and j == 0:
+            layers.append(AttnBlock(channels))
+    return nn.Sequential(*layers)
+
+
 class CNNEncoder(nn.Module):
     """VQGAN-style encoder: conv_in, per level ``num_res_blocks`` (one int, or one per level) ResBlocks then a stride-2 conv (all but
     the last level), mid ResBlock(s), norm, SiLU, 1x1 conv to ``out_dim``. Downsampling 2**(levels-1)."""
@@ -85,12 +95,7 @@ class CNNEncoder(nn.Module):
                 layers.append(nn.Conv2d(c, nxt, 3, stride=2, padding=1))
                 c = nxt
         self.down = nn.Sequential(*layers)
-        mid: list[nn.Module] = []
-        for j in range(mid_blocks):
-            mid.append(ResBlock(c, c))
-            if mid_attn and j == 0:
-                mid.append(AttnBlock(c))
-        self.mid = nn.Sequential(*mid)
+        self.mid = mid_stack(c, mid_blocks, mid_attn)
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, out_dim, 1)
         self.downsample = 2 ** (len(ch_mult) - 1)
