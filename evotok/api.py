@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from evotok.config import Config, from_dict, to_yaml
+from evotok.errors import UserError
 from evotok.models.tokenizer import EvoTok, build_tokenizer
 from evotok.runs import resolve_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(UserError, ValueError):
     """A checkpoint that is not a tokenizer, or not the tokenizer the caller expects."""
 
 

@@ -270,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # known user-facing errors get one line, the rest a traceback
         from evotok.errors import USER_ERRORS
 
-        if isinstance(e, USER_ERRORS()):
+        if isinstance(e, USER_ERRORS):
             print(f"evotok: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         raise

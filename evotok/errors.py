@@ -1,17 +1,13 @@
-"""User-facing error types: the CLI prints these as one line instead of a traceback."""
+"""User-facing errors: every error the suite raises about a user's input derives from ``UserError``, and
+the CLI prints those (and missing files) as one line instead of a traceback. No imports: config.py and
+the data layer use this without pulling in torch."""
 
 from __future__ import annotations
 
 
-def USER_ERRORS() -> tuple[type, ...]:  # noqa: N802 - reads like a constant at the call site
-    from evotok.config import ConfigError
-    from evotok.runs import RunError
+class UserError(Exception):
+    """A problem with the user's input (config, run folder, data, checkpoint, weights file); the message
+    names the culprit."""
 
-    errors: list[type] = [ConfigError, RunError, FileNotFoundError]
-    try:
-        from evotok.data import DataError
 
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from evotok.config import REPO_ROOT, Config, ConfigError, from_dict, to_yaml
+from evotok.errors import UserError
 
 FINISHED_MARKER = "FINISHED"
 PACKAGES = ("torch", "torchvision", "lightning", "open_clip_torch", "transformers", "numpy", "omegaconf")
 
 
-class RunError(RuntimeError):
+class RunError(UserError, RuntimeError):
     """A run folder problem: exists and is finished, or is not a run folder."""
 
 

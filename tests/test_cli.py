@@ -86,3 +86,23 @@ def test_dry_run_describes_the_paper_tokenizer_without_weights(capsys):
     out = capsys.readouterr().out
     assert "latent grid (16, 16), depth L=16 (Lpix=4, Lsem=16), K=32768, d=32" in out
     assert "width 1024, grid (16, 16)" in out and "M trainable" in out and "GiB per device" in out
+
+
+def test_user_errors_from_any_layer_are_one_line(tmp_path, capsys):
+    from evotok.api import TokenizerLoadError
+    from evotok.data import DataError
+    from evotok.errors import USER_ERRORS, UserError
+    from evotok.models.teacher import TeacherError
+    from evotok.runs import RunError
+
+    for err in (TokenizerLoadError, DataError, TeacherError, RunError):
+        assert issubclass(err, UserError) and issubclass(err, USER_ERRORS)
+    # a checkpoint that is not a tokenizer's: one line naming the file, status 1
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    import torch
+
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, ckpt_dir / "last.ckpt")
+    assert main(["encode", "--run", str(tmp_path / "run"), "--images", str(tmp_path), "--out", str(tmp_path / "c.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "last.ckpt is not a tokenizer checkpoint" in err and "Traceback" not in err

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from evotok.errors import UserError
+
 ITEM_KEYS = ("image", "labels", "caption", "caption_sem", "qa", "conversations", "task", "index", "source")
 LABEL_KEYS = ("shape", "count", "color", "texture", "background")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem (bad file, missing folder, malformed JSON); the message names the file and key."""
 
 

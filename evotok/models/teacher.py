@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evotok.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from evotok.config import Config
 
@@ -47,7 +49,7 @@ HOW_TO_GET_A_TEACHER = (
 )
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """No usable teacher in the config; the message says how to get one."""
 
 
