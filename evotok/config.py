@@ -86,7 +86,7 @@ class OptimConfig:
 
 @dataclass
 class TeacherConfig:
-    arch: str = "evotok-teacher-tiny"  # an open_clip model name (embedded default registered by us)
+    arch: str = "evotok-teacher-tiny-avg"  # an open_clip model name (embedded default registered by us)
     weights: str = ""  # local weights file for a real open_clip model
     run: str = ""  # a teacher run folder from `evotok train teacher` (embedded default)
     random_init: bool = False  # tests only: an untrained teacher of `arch` (never a silent default)

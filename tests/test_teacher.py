@@ -19,7 +19,7 @@ from evotok.models.teacher import (
     zero_shot_accuracy,
 )
 
-ARCH = "evotok-teacher-tiny"
+ARCH = "evotok-teacher-tiny-avg"
 
 
 @pytest.fixture
@@ -55,6 +55,17 @@ def test_image_features_are_the_penultimate_block_patch_tokens(teacher):
     out = teacher.encode(x)
     assert torch.allclose(out.tokens_BTc, feats, atol=1e-6)
     assert torch.allclose(out.pooled_BE, teacher.pooled(x), atol=1e-6)
+
+
+def test_default_teacher_pools_by_averaging_the_patch_tokens(teacher):
+    """The embedded default is mean-pooled (its patch tokens carry the semantics); the CLS token is not used."""
+    x = torch.rand(3, 3, 32, 32)
+    v = teacher.visual
+    h = v.transformer(v._embeds(teacher.preprocess(x)))
+    by_mean = torch.nn.functional.normalize(v.ln_post(h)[:, 1:].mean(1) @ v.proj, dim=-1)
+    by_cls = torch.nn.functional.normalize(v.ln_post(h)[:, 0] @ v.proj, dim=-1)
+    assert torch.allclose(teacher.pooled(x), by_mean, atol=1e-5)
+    assert not torch.allclose(teacher.pooled(x), by_cls, atol=1e-3)
 
 
 def test_pooled_and_text_are_unit_norm_and_inputs_are_normalised_inside(teacher):

@@ -80,7 +80,7 @@ def tiny_vit() -> TokenizerArch:
     """The paper's structure at embedded scale: the embedded teacher's ViT tower (32 px, patch 8) as the
     encoder (init from ``model.encoder_weights``, e.g. the teacher run), 4x4 x d latent, x8 CNN decoder."""
     return TokenizerArch(
-        encoder="vit", vit_arch="evotok-teacher-tiny", vit_hidden=128, vit_patch=8,
+        encoder="vit", vit_arch="evotok-teacher-tiny-avg", vit_hidden=128, vit_patch=8,
         dec_post_ch=64, dec_ch=16, dec_ch_mult=(1, 2, 4, 4), dec_res_blocks=0, dec_mid_blocks=1,
         sem_width=96, sem_depth=1, sem_heads=4,
     )
