@@ -82,6 +82,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     disc_lr: float = 1e-4
     warmup_steps: int = 0
+    # tokenizer: linear decay of the learning rate to 0 over the last `cooldown` fraction of the run's budget
+    # (trainer.max_steps or trainer.max_minutes, whichever ends it first); 0 keeps it constant after warm-up
+    cooldown: float = 0.0
 
 
 @dataclass
@@ -379,6 +382,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.quantizer.ema_decay' must be in (0, 1), got {cfg.model.quantizer.ema_decay}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"config key 'data.heldout_fraction' must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if not 0.0 <= cfg.optim.cooldown < 1.0:
+        raise ConfigError(f"config key 'optim.cooldown' must be in [0, 1), got {cfg.optim.cooldown}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
     if cfg.trainer.global_batch_size:

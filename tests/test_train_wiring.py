@@ -106,3 +106,23 @@ def test_unknown_stage_and_unbuilt_stage():
         train_mod.stage_builder("tokeniser")
     with pytest.raises(train_mod.StageNotBuilt, match="'generation' is not built"):
         train_mod.stage_builder("generation")
+
+
+def test_lr_factor_warms_up_holds_then_cools_down_to_zero():
+    f = train_mod.lr_factor
+    assert f(0, 10, 0.0, 0.2) == pytest.approx(0.1) and f(9, 10, 0.0, 0.2) == 1.0  # linear warm-up
+    assert f(500, 10, 0.5, 0.2) == 1.0 and f(500, 10, 0.79, 0.2) == 1.0  # stable until the last 20%
+    assert f(500, 10, 0.9, 0.2) == pytest.approx(0.5) and f(500, 10, 1.0, 0.2) == 0.0  # linear to 0
+    assert f(500, 0, 0.99, 0.0) == 1.0  # cooldown 0: constant
+
+
+def test_budget_used_is_the_larger_of_steps_and_time():
+    from lightning.pytorch.callbacks import Timer
+
+    timer = Timer(duration={"minutes": 10})
+    timer.load_state_dict({"time_elapsed": {"train": 180.0}})  # a resumed run: 3 of 10 minutes spent
+    trainer = types.SimpleNamespace(global_step=100, max_steps=1000, callbacks=[timer])
+    assert train_mod.budget_used(trainer) == pytest.approx(0.3, abs=0.01)
+    trainer.global_step = 500
+    assert train_mod.budget_used(trainer) == pytest.approx(0.5)
+    assert train_mod.budget_used(types.SimpleNamespace(global_step=5, max_steps=-1, callbacks=[])) == 0.0

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from evotok.config import Config, accumulate_steps, from_dict, to_dict
+from evotok.lit.train import budget_used, lr_factor
 from evotok.models.discriminator import PatchDiscriminator
 from evotok.models.losses import TokenizerLoss, hinge_d_loss, token_cosine
 from evotok.models.tokenizer import build_tokenizer
@@ -85,8 +86,9 @@ class TokenizerModule(L.LightningModule):
         return [opt_g, opt_d]
 
     def _set_lr(self, opt, base_lr: float, step: int) -> None:
-        w = self.cfg.optim.warmup_steps
-        lr = base_lr * min(1.0, (step + 1) / w) if w > 0 else base_lr
+        o = self.cfg.optim
+        used = budget_used(self.trainer) if o.cooldown > 0 else 0.0
+        lr = base_lr * lr_factor(step, o.warmup_steps, used, o.cooldown)
         for g in opt.param_groups:
             g["lr"] = lr
 

@@ -112,6 +112,28 @@ def build_trainer(
     )
 
 
+def budget_used(trainer) -> float:
+    """Fraction of the run's budget spent, in [0, 1]: the larger of global_step / max_steps and (when the
+    trainer has a ``max_time``) training time / max_time. Lightning's Timer keeps its elapsed time in the
+    checkpoint, so a resumed run continues the same schedule."""
+    from lightning.pytorch.callbacks import Timer
+
+    used = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0.0
+    for cb in trainer.callbacks:
+        if isinstance(cb, Timer) and cb._duration:
+            used = max(used, cb.time_elapsed() / cb._duration)
+    return min(1.0, max(0.0, used))
+
+
+def lr_factor(step: int, warmup_steps: int, used: float, cooldown: float) -> float:
+    """Warm-up, stable, decay: linear warm-up over ``warmup_steps``, then 1, then linear to 0 over the last
+    ``cooldown`` fraction of the budget (``used`` is the fraction spent, from ``budget_used``)."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if cooldown > 0:
+        factor *= min(1.0, max(0.0, (1.0 - used) / cooldown))
+    return factor
+
+
 def _metrics_callback_base():
     from lightning.pytorch.callbacks import Callback
 
