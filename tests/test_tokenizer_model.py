@@ -167,6 +167,19 @@ def test_tiny_yamls_build(name):
     assert cfg.trainer.max_minutes == 10
 
 
+def test_tiny_yamls_differ_only_in_attach_points():
+    """The Lpix/Lsem sweep compares like with like: every other key of the three tiny configs agrees."""
+    from evotok.config import to_dict
+
+    def rest(name):
+        tree = to_dict(load_config(name))
+        del tree["model"]["lpix"], tree["model"]["lsem"]
+        return tree
+
+    trees = [rest(name) for name in sorted(TINY_YAMLS)]
+    assert trees[0] == trees[1] == trees[2]
+
+
 def test_paper_config_matches_design():
     c = load_config("tokenizer/evotok_paper")
     q = c.model.quantizer

@@ -81,6 +81,12 @@ def test_max_steps_counts_generator_steps(trained):
     assert len(metrics["per_depth"]["usage"]) == 16 and 0 < min(metrics["per_depth"]["usage"]) <= 1
     assert "val/psnr" in metrics["scalars"] and metrics["scalars"]["val/psnr"] > 5
     assert any(t.startswith("recon/") for t in acc.Tags()["images"])
+    # optim.cooldown (0.3 in the tiny configs; max_minutes=0 here, so the step budget counts): constant lr,
+    # then linear towards 0 over the last 30% of the steps
+    lrs, _ = scalar_series(run, "train/lr")
+    lr, cool = 2e-3, 0.3
+    assert lrs[: int(STEPS * (1 - cool))] == pytest.approx([lr] * int(STEPS * (1 - cool)))
+    assert lrs[-1] == pytest.approx(lr * (1 / STEPS) / cool, rel=1e-4) and lrs == sorted(lrs, reverse=True)
     # frozen modules are not stored; the generator and the discriminator are
     keys = ckpt["state_dict"].keys()
     assert not any(k.startswith("teacher.") for k in keys)
