@@ -29,3 +29,19 @@ def test_renderer_reads_the_json(tmp_path):
     text = "x\n<!-- results:bench_data -->\nold\n<!-- /results:bench_data -->\n"
     out = render_readme(text, tmp_path)
     assert "| 32 px | 10 | 0.50 | 20 |" in out and "old" not in out
+
+
+def test_recorded_tiny_runs_meet_the_stage_targets():
+    """The recorded `evotok pipeline tiny` runs (what the README shows) meet the stage 0/1 targets;
+    re-recording a run that misses one fails here."""
+    from evotok.readme import RESULTS
+
+    teacher = json.loads((RESULTS / "teacher_tiny.json").read_text())["scalars"]
+    assert teacher["zeroshot_shape"] >= 0.9 and teacher["zeroshot_count"] >= 0.9
+    tok = json.loads((RESULTS / "tokenizer_evotok_tiny.json").read_text())
+    per_depth, lpix, lsem = tok["per_depth"], 4, 16
+    assert len(per_depth["psnr"]) == lsem
+    assert per_depth["psnr"][lpix - 1] >= 24.0
+    assert min(per_depth["usage"]) >= 0.5
+    assert per_depth["clipsim_sem"][lsem - 1] - per_depth["clipsim_sem"][0] >= 0.15
+    assert tok["curve"][-1]["minutes"] <= 10.5  # the PSNR was reached within the 10-minute budget
