@@ -81,6 +81,35 @@ def test_shuffle_seeded_and_workers(cache_dir):
     assert torch.cat([b["index"] for b in v]).tolist() == list(range(64))
 
 
+def test_train_order_depends_on_epoch_only_and_resumes_mid_epoch(cache_dir):
+    """A run killed mid-epoch continues with the batch after the last one it trained on, in the same order."""
+    def loader(epoch):
+        dm = EvoTokDataModule(_cfg(cache_dir), "tokenizer")
+        dm.setup("fit")
+        dl = dm.train_dataloader()
+        dl.sampler.set_epoch(epoch)  # what Lightning does at the start of every epoch
+        return dl
+
+    def order(dl):
+        return [b["index"].tolist() for b in dl]
+
+    full = order(loader(1))
+    assert len(full) == 32 and sorted(sum(full, [])) == list(range(256))
+    assert full == order(loader(1)) and full != order(loader(2))  # a function of (seed, epoch) alone
+    first = loader(1)
+    it = iter(first)
+    seen = [next(it)["index"].tolist() for _ in range(5)]
+    state = first.state_dict()
+    assert state == {"served": 5} and seen == full[:5]
+    resumed = loader(1)
+    resumed.load_state_dict(state)
+    assert order(resumed) == full[5:]  # no batch repeated, none skipped
+    assert order(resumed) == full  # the next pass is a whole epoch again
+    done = loader(1)
+    done.load_state_dict({"served": 32})  # saved after the epoch's last batch: the next epoch starts whole
+    assert order(done) == full
+
+
 def test_llava_tasks_split_by_stage(tmp_path, cache_dir):
     imgs = tmp_path / "im"
     imgs.mkdir()

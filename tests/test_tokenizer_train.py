@@ -149,3 +149,29 @@ def test_bf16_mixed_precision_runs(tmp_path):
     scalars = json.loads(run.metrics.read_text())["scalars"]
     assert scalars["val/psnr"] == scalars["val/psnr"] and "train/disc" in scalars
     assert torch.load(run.last_ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+
+
+def test_run_killed_mid_epoch_resumes_on_the_next_batch(tmp_path, monkeypatch):
+    """Stopped after step 8 (mid-epoch) and resumed to 12, training sees the batches an uninterrupted
+    12-step run sees: the train loader's position is in the checkpoint."""
+    from evotok.lit import tokenizer_module
+    from evotok.lit.train import train
+
+    seen: list[list[int]] = []
+    step = tokenizer_module.TokenizerModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append(batch["index"].tolist())
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(tokenizer_module.TokenizerModule, "training_step", spy)
+    extra = ["trainer.max_minutes=0", "trainer.ckpt_every_n_steps=4", "loss.gan_start=1000"]
+    run = train(load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "killed", steps=8) + extra), "tokenizer")
+    ckpt = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"served": 8}]
+    (run.path / "FINISHED").unlink()  # as if the process had been killed after the step-8 checkpoint
+    train(load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "killed", steps=12) + extra), "tokenizer")
+    stopped_and_resumed, seen[:] = list(seen), []
+    train(load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "whole", steps=12) + extra), "tokenizer")
+    assert len(seen) == 12 and len({i for b in seen for i in b}) == 12 * 16  # 32 batches per epoch: mid-epoch
+    assert stopped_and_resumed == seen

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from evotok.data import DataError
 from evotok.data.collate import collate
@@ -98,11 +98,56 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order of ``range(n)`` that depends only on (seed, epoch): a run resumed in any epoch sees the
+    order the uninterrupted run saw. Lightning calls ``set_epoch`` at the start of every epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning saves in checkpoints (``state_dict``: batches served in this epoch) and that
+    continues after the last batch a restored run trained on, so a run killed mid-epoch neither repeats
+    nor skips a batch. Skipped batches are drawn and dropped (cheap for memory-mapped EvoShapes)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served, self._skip = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        served = int(state.get("served", 0))
+        self._skip = served if served < len(self) else 0  # saved after the last batch: a new epoch starts
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        it, skip = super().__iter__(), self._skip
+        self._served, self._skip = 0, 0
+        for _ in range(skip):
+            next(it)
+            self._served += 1
+        for batch in it:
+            self._served += 1
+            yield batch
+
+
 class EvoTokDataModule(L.LightningDataModule):
     """Train / val / test loaders of ``cfg.data.source`` shaped for ``stage`` (see STAGE_KEYS).
 
-    Shuffling uses a generator seeded from data.seed + epoch; under DDP Lightning swaps in its
-    DistributedSampler. EvoShapes caches are built in prepare_data (once per node)."""
+    The train order depends only on (data.seed, epoch) and the train loader resumes mid-epoch
+    (EpochShuffle, ResumableLoader); under DDP Lightning swaps in its DistributedSampler. EvoShapes caches are built in prepare_data (once per node)."""
 
     def __init__(self, cfg: Any, stage: str) -> None:
         super().__init__()
@@ -158,19 +203,30 @@ class EvoTokDataModule(L.LightningDataModule):
         d = self.cfg.data
         bs = int(batch_size or d.batch_size)
         iterable = isinstance(ds, IterableDataset)
-        kwargs: dict[str, Any] = {}
-        if d.num_workers > 0:
-            kwargs.update(persistent_workers=True, worker_init_fn=seed_worker, prefetch_factor=2)
         gen = torch.Generator().manual_seed(int(d.seed) + self._epoch())
         return DataLoader(
             ds, batch_size=bs, shuffle=shuffle and not iterable,
             drop_last=drop_last and not iterable and len(ds) >= bs,  # type: ignore[arg-type]
-            num_workers=int(d.num_workers), collate_fn=collate, generator=gen,
-            pin_memory=torch.cuda.is_available(), **kwargs,
+            generator=gen, **self._loader_kwargs(),
         )
 
+    def _loader_kwargs(self) -> dict[str, Any]:
+        """Workers, collate and pinning: the same for every loader."""
+        d = self.cfg.data
+        kwargs: dict[str, Any] = {"num_workers": int(d.num_workers), "collate_fn": collate, "pin_memory": torch.cuda.is_available()}
+        if d.num_workers > 0:
+            kwargs.update(persistent_workers=True, worker_init_fn=seed_worker, prefetch_factor=2)
+        return kwargs
+
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", shuffle=True, drop_last=True)
+        ds = self.dataset("train")
+        if isinstance(ds, IterableDataset):
+            return self.dataloader("train", shuffle=True, drop_last=True)
+        bs, seed = int(self.cfg.data.batch_size), int(self.cfg.data.seed)
+        return ResumableLoader(
+            ds, batch_size=bs, sampler=EpochShuffle(len(ds), seed), drop_last=len(ds) >= bs,  # type: ignore[arg-type]
+            **self._loader_kwargs(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")
