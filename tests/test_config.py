@@ -89,6 +89,7 @@ def test_derived_key_cannot_be_set(key):
         ("model.quantizer.ema_decay=1.5", "model.quantizer.ema_decay"),
         ("data.source=imagenet", "data.source"),
         ("data.heldout_fraction=1.0", "data.heldout_fraction"),
+        ("optim.cooldown=1.0", "optim.cooldown"),
         ("optim.betas=[0.9]", "optim.betas"),
     ],
 )
