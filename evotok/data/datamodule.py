@@ -147,7 +147,8 @@ class EvoTokDataModule(L.LightningDataModule):
     """Train / val / test loaders of ``cfg.data.source`` shaped for ``stage`` (see STAGE_KEYS).
 
     The train order depends only on (data.seed, epoch) and the train loader resumes mid-epoch
-    (EpochShuffle, ResumableLoader); under DDP Lightning swaps in its DistributedSampler. EvoShapes caches are built in prepare_data (once per node)."""
+    (EpochShuffle, ResumableLoader); under DDP Lightning swaps in its DistributedSampler. EvoShapes caches
+    are built in prepare_data (once per node)."""
 
     def __init__(self, cfg: Any, stage: str) -> None:
         super().__init__()
@@ -213,7 +214,9 @@ class EvoTokDataModule(L.LightningDataModule):
     def _loader_kwargs(self) -> dict[str, Any]:
         """Workers, collate and pinning: the same for every loader."""
         d = self.cfg.data
-        kwargs: dict[str, Any] = {"num_workers": int(d.num_workers), "collate_fn": collate, "pin_memory": torch.cuda.is_available()}
+        kwargs: dict[str, Any] = {
+            "num_workers": int(d.num_workers), "collate_fn": collate, "pin_memory": torch.cuda.is_available(),
+        }
         if d.num_workers > 0:
             kwargs.update(persistent_workers=True, worker_init_fn=seed_worker, prefetch_factor=2)
         return kwargs

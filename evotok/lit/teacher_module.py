@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from evotok.config import Config, ConfigError, from_dict, to_dict
+from evotok.lit.train import lr_factor
 from evotok.models.teacher import (
     Teacher,
     build_clip,
@@ -27,7 +28,7 @@ LR_SCHEDULES = ("cosine", "constant")
 def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
     """Multiplier of optim.lr at ``step``: linear warm-up, then cosine to 0 at ``total`` or constant."""
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        return lr_factor(step, warmup, used=0.0, cooldown=0.0)
     if schedule == "constant" or total <= warmup:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -120,8 +120,10 @@ def budget_used(trainer) -> float:
 
     used = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0.0
     for cb in trainer.callbacks:
-        if isinstance(cb, Timer) and cb._duration:
-            used = max(used, cb.time_elapsed() / cb._duration)
+        remaining = cb.time_remaining() if isinstance(cb, Timer) else None
+        if remaining is not None:
+            elapsed = cb.time_elapsed()
+            used = max(used, elapsed / max(elapsed + remaining, 1e-9))
     return min(1.0, max(0.0, used))
 
 
