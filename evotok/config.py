@@ -94,6 +94,9 @@ class TeacherConfig:
     run: str = ""  # a teacher run folder from `evotok train teacher` (embedded default)
     random_init: bool = False  # tests only: an untrained teacher of `arch` (never a silent default)
     lr_schedule: str = "cosine"  # teacher training: cosine | constant, after optim.warmup_steps of linear warm-up
+    # tokenizer training: compute the frozen teacher's tokens of the whole train split once (at the start of
+    # training, inside its clock) and look them up by item index; needs a map-style source, no data.augment
+    cache_features: bool = False
 
 
 @dataclass
@@ -384,6 +387,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.heldout_fraction' must be in [0, 1), got {cfg.data.heldout_fraction}")
     if not 0.0 <= cfg.optim.cooldown < 1.0:
         raise ConfigError(f"config key 'optim.cooldown' must be in [0, 1), got {cfg.optim.cooldown}")
+    if cfg.teacher.cache_features and cfg.data.augment:
+        raise ConfigError(
+            "config key 'teacher.cache_features' = true needs data.augment = false: augmented train images "
+            "change the teacher's tokens every epoch"
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
     if cfg.trainer.global_batch_size:

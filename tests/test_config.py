@@ -153,3 +153,9 @@ def test_with_overrides_checks_like_the_command_line():
         with_overrides(cfg, ["data.sourc=folder"])
     with pytest.raises(ConfigError, match="'data.source'"):
         with_overrides(cfg, ["data.source=imagenet"])
+
+
+def test_cached_teacher_tokens_refuse_augmented_images():
+    with pytest.raises(ConfigError, match=r"teacher\.cache_features.*data\.augment"):
+        load_config(None, ["teacher.cache_features=true", "data.augment=true"])
+    assert load_config(None, ["teacher.cache_features=true"]).teacher.cache_features

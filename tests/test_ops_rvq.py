@@ -210,6 +210,28 @@ def test_failed_build_warns_once_and_cpp_falls_back(tmp_path, monkeypatch):
     assert torch.equal(rvq_assign(x, cb, impl="cpp").codes_NL, rvq_assign(x, cb, impl="ref").codes_NL)
 
 
+def test_builds_from_two_checkouts_name_the_same_source_files(tmp_path, monkeypatch):
+    """The JIT build compiles copies staged in its cache folder, so checkouts at different paths share one
+    build (ninja records source paths); unchanged copies keep their mtime, changed ones are rewritten."""
+    folder = tmp_path / "cache" / "evotok_rvq_cpu-abc"
+    staged = []
+    for checkout in ("a", "b"):
+        csrc = tmp_path / checkout / "csrc"
+        csrc.mkdir(parents=True)
+        (csrc / "rvq_cpu.cpp").write_text("int f() { return 1; }\n")
+        (csrc / "util.h").write_text("#pragma once\n")
+        monkeypatch.setattr(build, "CSRC", csrc)
+        staged.append(build._stage_sources(folder, ("rvq_cpu.cpp",)))
+        if checkout == "a":
+            os.utime(folder / "src" / "rvq_cpu.cpp", (1, 1))
+    assert staged[0] == staged[1] == [str(folder / "src" / "rvq_cpu.cpp")]
+    assert (folder / "src" / "util.h").is_file()
+    assert os.stat(folder / "src" / "rvq_cpu.cpp").st_mtime == 1  # b's identical copy left it alone
+    (tmp_path / "b" / "csrc" / "rvq_cpu.cpp").write_text("int f() { return 2; }\n")
+    build._stage_sources(folder, ("rvq_cpu.cpp",))
+    assert (folder / "src" / "rvq_cpu.cpp").read_text() == "int f() { return 2; }\n"
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 _MEM_SCRIPT = r"""

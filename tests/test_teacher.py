@@ -89,6 +89,25 @@ def test_frozen_teacher_stays_in_eval_without_gradients(teacher):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_token_table_returns_the_teacher_tokens_of_each_item_index(teacher):
+    from evotok.models.teacher import TokenTable
+
+    torch.manual_seed(0)
+    images = torch.rand(10, 3, 32, 32)
+    index = torch.tensor([7, 2, 9, 0, 4, 11, 3, 8, 1, 5])  # item indices, not positions; 6 and 10 missing
+    table = TokenTable.build(teacher, [{"image": images[:6], "index": index[:6]}, {"image": images[6:], "index": index[6:]}], size=12)
+    assert len(table) == 10 and table.nbytes == 12 * 16 * 128 * 2
+    with torch.no_grad():
+        want = teacher.image_features(images[[8, 0, 5]])
+    got = table[torch.tensor([1, 7, 11])]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # stored in float16
+    with pytest.raises(KeyError, match="not all in the table"):
+        table[torch.tensor([1, 6])]
+    with pytest.raises(KeyError):
+        table[torch.tensor([12])]
+
+
 def test_missing_weights_file_names_path_and_key(tmp_path):
     missing = tmp_path / "nowhere" / "clip.pt"
     cfg = load_config(None, [f"teacher.weights={missing}"])

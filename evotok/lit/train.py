@@ -143,16 +143,17 @@ def _metrics_callback_base():
 
 
 class MetricsJsonCallback(_metrics_callback_base()):  # type: ignore[misc]
-    """Mirror the latest logged scalars into metrics.json after every validation and at the end."""
+    """Mirror the latest logged scalars into metrics.json after every validation and at the end: Lightning's
+    ``callback_metrics`` plus the module's ``logged_scalars`` (a dict of what it wrote to the loggers itself)."""
 
     def __init__(self, run: RunDir, stage: str):
         super().__init__()
         self.run, self.stage = run, stage
 
-    def _write(self, trainer) -> None:
+    def _write(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
-        scalars = {}
+        scalars = dict(getattr(pl_module, "logged_scalars", {}))
         for k, v in trainer.callback_metrics.items():
             try:
                 scalars[k] = float(v)
@@ -162,10 +163,10 @@ class MetricsJsonCallback(_metrics_callback_base()):  # type: ignore[misc]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self._write(trainer)
+            self._write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._write(trainer)
+        self._write(trainer, pl_module)
 
 
 def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamodule=None) -> RunDir:

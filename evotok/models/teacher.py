@@ -20,7 +20,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +244,47 @@ class Teacher(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ loading
+
+
+class TokenTable:
+    """A frozen teacher's patch tokens of a whole split, looked up by item index (``batch["index"]``).
+
+    Rows are stored in float16 on the CPU (EvoShapes train: 50,000 x 16 tokens x 128 = 205 MB); a lookup
+    of an index that was never filled raises instead of returning garbage."""
+
+    def __init__(self, tokens_NTC: torch.Tensor, filled_N: torch.Tensor):
+        self.tokens_NTC, self.filled_N = tokens_NTC, filled_N
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: "Teacher", batches: Iterable[dict], size: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float16) -> "TokenTable":
+        """``teacher.image_features`` of every batch (dicts with ``image`` and ``index`` < ``size``)."""
+        tokens, filled = None, torch.zeros(size, dtype=torch.bool)
+        for batch in batches:
+            index = batch["index"].long()
+            out = teacher.image_features(batch["image"].to(device)).to("cpu", dtype)
+            if tokens is None:
+                tokens = torch.zeros(size, *out.shape[1:], dtype=dtype)
+            tokens[index] = out
+            filled[index] = True
+        if tokens is None:
+            raise ValueError("TokenTable.build: no batches")
+        return cls(tokens, filled)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens_NTC.numel() * self.tokens_NTC.element_size()
+
+    def __len__(self) -> int:
+        return int(self.filled_N.sum())
+
+    def __getitem__(self, index_B: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) float32 tokens of the items ``index_B``."""
+        index = index_B.long().cpu()
+        if index.numel() and (index.min() < 0 or index.max() >= self.filled_N.numel() or not self.filled_N[index].all()):
+            raise KeyError(f"TokenTable: item indices {index.tolist()[:8]} are not all in the table")
+        return self.tokens_NTC[index].float()
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:

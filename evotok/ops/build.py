@@ -77,6 +77,19 @@ def last_error(kind: str) -> Optional[str]:
     return _errors.get(kind)
 
 
+def _stage_sources(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """Copy the sources and headers into ``folder/src`` and return the copied sources' paths. The build
+    then names the same files whichever checkout imports evotok: ninja records source paths, so
+    building from each checkout's own csrc made two checkouts rebuild each other's cache entry."""
+    src = folder / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in list(names) + [p.name for p in CSRC.glob("*.h")]:
+        data, dst = (CSRC / name).read_bytes(), src / name
+        if not dst.is_file() or dst.read_bytes() != data:  # unchanged copies keep their mtime
+            dst.write_bytes(data)
+    return [str(src / n) for n in names]
+
+
 def _build(kind: str, cache_root: Optional[Path], verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -86,7 +99,7 @@ def _build(kind: str, cache_root: Optional[Path], verbose: bool) -> ModuleType:
     if kind == "cpu":
         return cpp_extension.load(
             name=name,
-            sources=[str(CSRC / s) for s in CPU_SOURCES],
+            sources=_stage_sources(folder, CPU_SOURCES),
             extra_cflags=CPU_CFLAGS,
             extra_ldflags=CPU_LDFLAGS,
             build_directory=str(folder),
@@ -101,7 +114,7 @@ def _build(kind: str, cache_root: Optional[Path], verbose: bool) -> ModuleType:
         )
     return cpp_extension.load(
         name=name,
-        sources=[str(CSRC / s) for s in CUDA_SOURCES],
+        sources=_stage_sources(folder, CUDA_SOURCES),
         extra_cflags=CUDA_HOST_CFLAGS,
         extra_cuda_cflags=CUDA_CFLAGS,
         build_directory=str(folder),
