@@ -175,3 +175,21 @@ def test_run_killed_mid_epoch_resumes_on_the_next_batch(tmp_path, monkeypatch):
     train(load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "whole", steps=12) + extra), "tokenizer")
     assert len(seen) == 12 and len({i for b in seen for i in b}) == 12 * 16  # 32 batches per epoch: mid-epoch
     assert stopped_and_resumed == seen
+
+
+def test_cached_teacher_tokens_train_like_computed_ones(tmp_path, capsys):
+    """teacher.cache_features (on in the tiny configs) looks the frozen teacher's tokens up by item index:
+    the same training as computing them every step, up to their float16 storage."""
+    from evotok.lit.train import train
+
+    series = {}
+    for cached in (True, False):
+        cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, f"cache_{cached}", steps=4) + [
+            "trainer.max_minutes=0", f"teacher.cache_features={str(cached).lower()}",
+        ])
+        series[cached], _ = scalar_series(train(cfg, "tokenizer"), "train/sem")
+        out = capsys.readouterr().out
+        assert ("teacher tokens of 512 train images cached" in out) == cached
+    assert len(series[True]) == 4
+    assert series[True][0] == pytest.approx(series[False][0], rel=2e-4)  # same weights: only the float16 targets differ
+    assert series[True] == pytest.approx(series[False], rel=5e-3)  # then the updates differ that little

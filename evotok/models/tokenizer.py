@@ -58,11 +58,13 @@ class TokenizerArch:
 def tiny() -> TokenizerArch:
     """Embedded default: 32 px -> 8x8 x d. Sized like the calibrated plain conv RVQ autoencoder (DESIGN §2):
     one ResBlock at 8x8 on each side, plain stride-2 convs / upsample+conv at 16 and 32 px, and a
-    one-block width-96 semantic ViT (it sees 64 tokens per image, so width matters more than on GPU)."""
+    one-block width-64 semantic ViT. Width 64 rather than 96 (10-min runs, batch 32, K=32): 24.4 dB at Lpix and a
+    CLIPSIM_sem gap (depth 16 - depth 1) of 0.23, against 24.3 dB and 0.15 -- the narrower decoder reads less
+    semantics out of the coarse z_1 and runs more steps in the same time."""
     return TokenizerArch(
         encoder="cnn", enc_ch=32, enc_ch_mult=(1, 2, 4), enc_res_blocks=0, enc_mid_blocks=1,
         dec_post_ch=64, dec_ch=16, dec_ch_mult=(1, 2, 4), dec_res_blocks=0, dec_mid_blocks=1,
-        sem_width=96, sem_depth=1, sem_heads=4,
+        sem_width=64, sem_depth=1, sem_heads=4,
     )
 
 
