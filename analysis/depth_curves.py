@@ -124,50 +124,31 @@ def plot_depth_curves(
 # ------------------------------------------------------------------------ metrics from cached arrays
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    """Cosine similarity along the last axis (broadcasting)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    num = (a * b).sum(-1)
-    return num / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), eps)
-
-
-def frechet_distance(a_NE: np.ndarray, b_NE: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID in that feature space)."""
-    from scipy import linalg
-
-    a = np.asarray(a_NE, dtype=np.float64)
-    b = np.asarray(b_NE, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a = np.cov(a, rowvar=False)
-    cov_b = np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        off = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + off) @ (cov_b + off))
-    covmean = np.real(covmean)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
-
-
 def feature_depth_metrics(arrays: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
     """Per-depth curves from the cached feature arrays (see :mod:`analysis.extract`):
 
-    - ``clipsim_pix``: mean over images of cos(teacher(recon from z_l), teacher(original)) (pooled features);
+    - ``clipsim_pix``: mean over images of cos(teacher(recon from z_l), teacher(original)) (pooled features,
+      :func:`evotok.eval.metrics.clipsim_pix`);
     - ``clipsim_sem``: mean of ``clipsim_sem_LB`` (per-token cosine, averaged per image, computed at extraction);
     - ``psnr``: mean of ``psnr_LB``;
     - ``rfid``: Fréchet distance in the teacher's pooled feature space between reconstructions and originals
-      (an estimate from the cached images only; needs at least 2 images).
+      (:func:`evotok.eval.metrics.fid_from_features`; an estimate from the cached images only; needs at least
+      2 images).
     Names whose arrays are absent are left out.
     """
     out: dict[str, list[float]] = {}
     rec = arrays.get("recon_teacher_LBE")
     orig = arrays.get("orig_teacher_BE")
     if rec is not None and orig is not None:
-        rec = np.asarray(rec)
-        orig = np.asarray(orig)
-        out["clipsim_pix"] = [float(x) for x in cosine_rows(rec, orig[None]).mean(axis=1)]
-        if orig.shape[0] >= 2:
-            out["rfid"] = [frechet_distance(rec[l], orig) for l in range(rec.shape[0])]
+        import torch
+
+        from evotok.eval.metrics import clipsim_pix, fid_from_features
+
+        rec_LBE = torch.as_tensor(np.asarray(rec, dtype=np.float64))
+        orig_BE = torch.as_tensor(np.asarray(orig, dtype=np.float64))
+        out["clipsim_pix"] = clipsim_pix(rec_LBE, orig_BE[None]).mean(dim=1).tolist()
+        if orig_BE.shape[0] >= 2:
+            out["rfid"] = [fid_from_features(orig_BE, rec_LBE[l]) for l in range(rec_LBE.shape[0])]
     if arrays.get("clipsim_sem_LB") is not None:
         out["clipsim_sem"] = [float(x) for x in np.asarray(arrays["clipsim_sem_LB"]).mean(axis=1)]
     if arrays.get("psnr_LB") is not None:

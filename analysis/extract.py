@@ -18,7 +18,7 @@ E = teacher pooled width, W = teacher token width):
 ``sem_LBW``                 semantic decoder output from z_l, averaged over tokens
 ``clipsim_sem_LB``          per-token cosine(semantic decoder(z_l), teacher tokens of the original), mean per image
 ``clipsim_pix_LB``          cosine(teacher(recon from z_l), teacher(original)) per image
-``psnr_LB``                 PSNR (dB, [0,1] range) of the reconstruction from z_l, per image
+``psnr_LB``                 PSNR (dB, [0,1] range, capped at 100) of the reconstruction from z_l, per image
 ``images_BHWC``             the images as uint8 (longest side at most ``max_image_px``), for cluster grids
 ``label_<factor>``          factor labels per image (-1 = unknown); ``factors`` lists the factor names
 ``lpix``, ``lsem``, ``L``   the model's supervision depths and total depth
@@ -172,21 +172,16 @@ def _compute(ckpt: Path, cfg: Any, split: str, n_images: int, n_positions: int, 
 
     from evotok.api import load_tokenizer
     from evotok.data import build_dataset
+    from evotok.eval.metrics import clipsim_pix, clipsim_sem, psnr
+    from evotok.models.grids import resize_token_grid
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(ckpt)
     tok = tok.to(device).eval() if hasattr(tok, "to") else tok
-    teacher = getattr(tok, "teacher", None)
-    if teacher is None:
-        try:  # the teacher named by the checkpoint's own config
-            from evotok.api import load_run_teacher
+    from evotok.api import load_run_teacher
 
-            teacher = load_run_teacher(ckpt)
-        except ImportError:
-            from evotok.models.teacher import load_teacher
-
-            teacher = load_teacher(getattr(tok, "config", cfg))
+    teacher = load_run_teacher(ckpt)  # the run's own teacher, found through its upstream record and verified
     teacher = teacher.to(device).eval() if hasattr(teacher, "to") else teacher
     lpix, lsem, L = int(tok.lpix), int(tok.lsem), int(tok.depth)
 
@@ -234,8 +229,7 @@ def _compute(ckpt: Path, cfg: Any, split: str, n_images: int, n_positions: int, 
                 side = int(round(tokens.shape[1] ** 0.5))
                 if side * side != tokens.shape[1]:
                     raise RuntimeError(f"teacher returned {tokens.shape[1]} tokens, not a square grid")
-                grid = tokens.transpose(1, 2).reshape(B, -1, side, side)
-                tokens = F.adaptive_avg_pool2d(grid, (h, w)).flatten(2).transpose(1, 2)
+                tokens = resize_token_grid(tokens, (side, side), (h, w))
             chunks["orig_teacher"].append(orig_pooled.cpu().numpy())
             chunks["orig_tokens"].append(tokens.mean(1).cpu().numpy())
             rt, sm, cs, cp, ps = [], [], [], [], []
@@ -243,12 +237,11 @@ def _compute(ckpt: Path, cfg: Any, split: str, n_images: int, n_positions: int, 
                 rec = tok.decode_pixels(z[l - 1], l).float().clamp(0, 1)
                 rp = teacher.pooled(rec).float()
                 rt.append(rp.cpu().numpy())
-                cp.append(F.cosine_similarity(rp, orig_pooled, dim=-1).cpu().numpy())
-                mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-                ps.append((-10.0 * torch.log10(mse)).cpu().numpy())
+                cp.append(clipsim_pix(rp, orig_pooled).cpu().numpy())
+                ps.append(psnr(rec, x).cpu().numpy())
                 sem = tok.decode_semantic(z[l - 1], l).float()  # (B, h*w, W)
                 sm.append(sem.mean(1).cpu().numpy())
-                cs.append(F.cosine_similarity(sem, tokens, dim=-1).mean(1).cpu().numpy())
+                cs.append(clipsim_sem(sem, tokens).cpu().numpy())
             chunks["recon_teacher"].append(np.stack(rt))
             chunks["sem"].append(np.stack(sm))
             chunks["clipsim_sem"].append(np.stack(cs))

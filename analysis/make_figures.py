@@ -46,10 +46,10 @@ def _run_folder(run: Path) -> Path:
 def _unique_names(runs: Sequence[Path]) -> list[str]:
     """Run folder names; a repeated name gets the nearest distinguishing parent folder names prepended
     (stage folders such as ``tokenizer`` are skipped): ``sweep_a/tokenizer/seed0`` -> ``sweep_a_seed0``."""
-    from evotok.config import STAGES
+    from evotok.stages import STAGE_NAMES
 
     folders = [_run_folder(r).resolve() for r in runs]
-    parents = [[p.name for p in f.parents if p.name and p.name not in STAGES] for f in folders]
+    parents = [[p.name for p in f.parents if p.name and p.name not in STAGE_NAMES] for f in folders]
     names = [f.name or "run" for f in folders]
     used = [0] * len(names)
     while True:
@@ -155,6 +155,10 @@ def make_figures(
                          f"{split} images ({feats_path.name}), not from metrics.json"
                          + (" (rFID there is a Fréchet distance in the teacher's pooled feature space)" if "rfid" in filled else "")
                          + (f"; in the table: {', '.join(table_fill)}" if table_fill else "; the table uses metrics.json"))
+        extractors = metrics.get("extractors") or {}
+        said = [f"{m}: {extractors[m]}" for m in CURVE_METRICS if m in per_depth and m in extractors]
+        if said:
+            notes.append(f"{name}: metrics.json measures " + "; ".join(said))
         sections.append(_section(name, figs))
 
     save_figure(plot_depth_curves(curve_runs), out, "depth_curves")

@@ -15,12 +15,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from evotok.config import Config, from_dict, to_yaml
+from evotok.config import Config, from_dict, to_yaml, with_overrides
 from evotok.errors import UserError
 from evotok.models.tokenizer import EvoTok, build_tokenizer
-from evotok.runs import resolve_run
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from evotok.runs import load_checkpoint_file, resolve_run
 
 
 class TokenizerLoadError(UserError, ValueError):
@@ -30,11 +28,11 @@ class TokenizerLoadError(UserError, ValueError):
 def read_checkpoint(run_or_ckpt: str | Path) -> tuple[Config, dict[str, Any], Path]:
     """(config, raw checkpoint dict, checkpoint path) of a tokenizer run folder or .ckpt file."""
     _, ckpt_path = resolve_run(run_or_ckpt)
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(ckpt_path)
     hp = ckpt.get("hyper_parameters") or {}
     if not isinstance(hp.get("config"), dict) or "teacher_width" not in hp:
         raise TokenizerLoadError(f"{ckpt_path} is not a tokenizer checkpoint (no config / teacher_width in its hyper-parameters)")
-    return from_dict(hp["config"]), ckpt, ckpt_path
+    return from_dict(hp["config"], source=f"the config saved in {ckpt_path}"), ckpt, ckpt_path
 
 
 def load_tokenizer(
@@ -57,7 +55,7 @@ def load_tokenizer(
     hp = ckpt["hyper_parameters"]
     cfg.model.encoder_weights = ""  # the checkpoint holds the trained encoder: no init file needed
     model = build_tokenizer(cfg, hp["teacher_width"], hp["teacher_grid"])
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model."):]: v for k, v in (ckpt.get("state_dict") or {}).items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TokenizerLoadError(
@@ -69,65 +67,72 @@ def load_tokenizer(
 
 
 def load_run_teacher(run_or_ckpt: str | Path):
-    """The frozen teacher named by a tokenizer run's config (needed for semantic targets and CLIPSIM)."""
+    """The frozen teacher a tokenizer run was trained with (needed for semantic targets and CLIPSIM), found
+    through the run's upstream record and verified by fingerprint (evotok.handover)."""
+    from evotok.handover import upstream_config
     from evotok.models.teacher import load_teacher
 
     cfg, _, _ = read_checkpoint(run_or_ckpt)
-    return load_teacher(cfg)
+    return load_teacher(upstream_config(run_or_ckpt, cfg, "tokenizer"))
 
 
 # ------------------------------------------------------------------------------------------- folders
 
 
-def list_images(images_dir: str | Path) -> list[Path]:
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
 def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) float in [0, 1]: RGB, shorter side resized to R (bicubic), centre crop."""
-    from PIL import Image
+    """(3, R, R) float in [0, 1]: the data layer's decoding (RGB conversion, shorter side resized, centre crop)."""
+    from evotok.data.sources import image_to_tensor, open_rgb
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        if (w, h) != (resolution, resolution):
-            s = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return image_to_tensor(open_rgb(path), resolution)
 
 
 @torch.no_grad()
 def encode_folder(
     run: str | Path, images_dir: str | Path, out_npz: str | Path, batch_size: int = 64, device: str = "cpu",
+    overrides: Sequence[str] = (),
 ) -> Path:
-    """Encode every image under ``images_dir`` (resized / centre-cropped to data.resolution) to codes.
+    """Encode every image under ``images_dir`` to codes, read by the data layer's folder source (split ``all``)
+    at the tokenizer's data.resolution: unreadable or non-image files follow ``data.on_bad_file`` (the run's,
+    or from ``overrides``, e.g. ``data.on_bad_file=error``): skipped and counted, or an error naming the file.
 
-    The .npz holds ``codes`` (N, h, w, L) int32, ``names`` (paths relative to images_dir), ``lpix``,
-    ``lsem``, ``preset``, ``resolution`` and ``config`` (the tokenizer's resolved YAML).
+    The .npz holds ``codes`` (N, h, w, L) int32, ``names`` (paths relative to images_dir), ``skipped`` (the
+    files that could not be read), ``lpix``, ``lsem``, ``preset``, ``resolution`` and ``config`` (the
+    tokenizer's resolved YAML).
     """
+    from evotok.data.sources import ImageFolder
+
     model = load_tokenizer(run, device=device)
     cfg: Config = model.config  # type: ignore[attr-defined]
-    files = list_images(images_dir)
-    codes = []
-    for i in range(0, len(files), batch_size):
-        x = torch.stack([load_image(p, cfg.data.resolution) for p in files[i:i + batch_size]]).to(device)
-        codes.append(model.encode(x).to(torch.int32).cpu())
+    data_cfg = with_overrides(cfg, [f"data.root={images_dir}", "data.source=folder", *overrides]).data
+    ds = ImageFolder(data_cfg, split="all")
+    codes, names, batch = [], [], []
+
+    def flush() -> None:
+        if batch:
+            codes.append(model.encode(torch.stack(batch).to(device)).to(torch.int32).cpu())
+            batch.clear()
+
+    for i in range(len(ds)):
+        image = ds.image_or_none(i)
+        if image is None:
+            continue
+        batch.append(image)
+        names.append(ds.rel_paths[i])
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if not names:
+        raise FileNotFoundError(f"image folder {images_dir} holds no image that could be read")
+    skipped = [n for n, _ in ds.bad_files.items]
+    if skipped:
+        print(f"encode: skipped {len(skipped)} unreadable file(s) (data.on_bad_file=skip): {', '.join(skipped[:5])}"
+              f"{' ...' if len(skipped) > 5 else ''}")
     out = Path(out_npz)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        out, codes=torch.cat(codes).numpy(), names=np.array([str(p.relative_to(images_dir)) for p in files]),
+        out, codes=torch.cat(codes).numpy(), names=np.array(names), skipped=np.array(skipped, dtype=str),
         lpix=cfg.model.lpix, lsem=cfg.model.lsem, preset=cfg.model.preset, resolution=cfg.data.resolution,
-        config=to_yaml(cfg),
+        config=to_yaml(cfg, "tokenizer"),
     )
     return out
 

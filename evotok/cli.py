@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from evotok.config import STAGES, ConfigError, load_config, to_yaml
+from evotok.config import ConfigError, load_config, to_yaml
+from evotok.stages import STAGE_NAMES, StageNotBuilt, get_stage
 
 EXIT_USAGE = 2
 EXIT_NOT_BUILT = 3
@@ -27,8 +28,8 @@ class NotBuilt(Exception):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _config(args) -> "object":
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [])
+def _config(args, stage: Optional[str] = None) -> "object":
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", []) or [], stage=stage)
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -48,28 +49,29 @@ def _add_run_arg(p: argparse.ArgumentParser, many: bool = False) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg = _config(args)
+    cfg = _config(args, args.stage)
     if args.dry_run:
-        return _dry_run(cfg, args.stage)
-    from evotok.lit.train import StageNotBuilt, train
+        return _dry_run(cfg, args.stage, args.config)
+    from evotok.lit.train import train
 
-    try:
-        train(cfg, args.stage, argv=sys.argv)
-    except StageNotBuilt as e:
-        raise NotBuilt(str(e)) from None
+    train(cfg, args.stage, argv=sys.argv)
     return 0
 
 
-def _dry_run(cfg, stage: str) -> int:
-    print(to_yaml(cfg))
-    from evotok.lit.train import StageNotBuilt, stage_builder
+def _dry_run(cfg, stage: str, config: Optional[str]) -> int:
+    """The resolved config (what the stage reads), the files it came from, then the stage's description of its
+    model, or a line saying the stage is not built yet."""
+    from evotok.config import BASE_CONFIG, experiment_layers
 
-    try:
-        builder = stage_builder(stage)
-    except StageNotBuilt as e:
-        print(f"# {e}")
+    entry = get_stage(stage)
+    files = [str(BASE_CONFIG)] + ([src for src, _ in experiment_layers(config)] if config else [])
+    print(f"# stage {stage}: {entry.summary}")
+    print("# config files, merged in order (then command-line overrides): " + " <- ".join(files))
+    print(to_yaml(cfg, stage))
+    if not entry.built:
+        print(f"# stage '{stage}' is not built yet in this version of the suite: no model to describe")
         return 0
-    describe = getattr(sys.modules[builder.__module__], "describe", None)
+    describe = getattr(entry.lit_module(), "describe", None)
     if describe is not None:
         print(describe(cfg))
     return 0
@@ -123,7 +125,7 @@ def cmd_data(args) -> int:
 def cmd_encode(args) -> int:
     from evotok.api import encode_folder
 
-    out = encode_folder(args.run, args.images, args.out)
+    out = encode_folder(args.run, args.images, args.out, overrides=args.overrides or [])
     print(f"codes: {Path(out).resolve()}")
     return 0
 
@@ -170,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
-    p = sub.add_parser("train", help="train a stage (teacher, tokenizer, lm, understanding, generation, checker)")
-    p.add_argument("stage", choices=STAGES)
+    p = sub.add_parser("train", help=f"train a stage ({', '.join(STAGE_NAMES)})")
+    p.add_argument("stage", choices=STAGE_NAMES)
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
     p.set_defaults(func=cmd_train)
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arg(p)
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--out", required=True, help="output .npz")
-    p.set_defaults(func=cmd_encode)
+    p.set_defaults(func=cmd_encode, accepts_overrides=True)
+    p.epilog = "data.* overrides may follow, e.g. data.on_bad_file=error (default: skip and count unreadable files)."
 
     p = sub.add_parser("decode", help="decode codes (.npz) to images at a chosen depth")
     _add_run_arg(p)
@@ -261,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never downloads at run time
     try:
         return int(args.func(args) or 0)
-    except NotBuilt as e:
+    except (NotBuilt, StageNotBuilt) as e:
         print(f"evotok: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
     except ConfigError as e:

@@ -1,8 +1,17 @@
 """Typed configuration for every stage.
 
-Merge order: schema (the dataclasses below) <- ``experiments/configs/base.yaml`` <- experiment YAML
-<- ``key=value`` overrides from the command line. Unknown keys and wrong types fail with the full key
-path and the closest valid key; derived values (the quantizer depth = max(lpix, lsem)) cannot be set.
+Merge order: schema (the dataclasses below) <- ``experiments/configs/base.yaml`` <- experiment YAML (after
+the files it ``extends:``, in order) <- ``key=value`` overrides from the command line. Unknown keys and wrong
+types fail with the full key path and the closest valid key; derived values (the quantizer depth =
+max(lpix, lsem)) cannot be set. When the stage is known, a key the stage does not read is an error naming
+the key and the stage (the registry in evotok/stages.py lists what each stage reads).
+
+Sections: ``model`` / ``loss`` (the tokenizer), ``teacher``, ``tokenizer`` / ``understanding`` (hand-over
+of upstream runs), ``lm`` (the language model), ``mllm`` (the understanding bridge), ``gen`` (the generation
+head), ``checker``, and the shared ``optim``, ``data``, ``trainer``, ``eval``, ``run``.
+
+Experiment files are found in the checkout's ``experiments/`` folder, else in the copy installed with the
+package (``evotok/_experiments``); see :func:`experiment_dirs`.
 
 This module imports no torch, so ``evotok --help`` stays instant.
 """
@@ -13,15 +22,24 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 from evotok.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
-BASE_CONFIG = CONFIG_DIR / "base.yaml"
+PACKAGED_EXPERIMENTS = Path(__file__).resolve().parent / "_experiments"  # written by setup.py's build_py
 
-STAGES = ("teacher", "tokenizer", "lm", "understanding", "generation", "checker")
+
+def experiment_dirs(kind: str) -> list[Path]:
+    """Folders searched for ``kind`` ('configs' | 'pipelines' | 'sweeps'): the checkout's
+    ``experiments/<kind>`` (an editable install or a source tree), then the copy installed with the package."""
+    return [d for d in (REPO_ROOT / "experiments" / kind, PACKAGED_EXPERIMENTS / kind) if d.is_dir()] or [
+        REPO_ROOT / "experiments" / kind
+    ]
+
+
+CONFIG_DIR = experiment_dirs("configs")[0]
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 # Keys a user may not set, with the reason printed when they try.
 DERIVED_KEYS = {
@@ -76,15 +94,23 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser of every stage. The learning rate is a function of the step alone (evotok.lit.optim):
+    ``optim.warmup_steps`` of linear warm-up, then ``schedule``: constant; cosine to ``min_lr_ratio * lr`` at
+    trainer.max_steps; or linear: constant, then a linear cool-down to 0 over the last ``cooldown`` fraction
+    of trainer.max_steps."""
+
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    disc_lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine | linear
     warmup_steps: int = 0
-    # tokenizer: linear decay of the learning rate to 0 over the last `cooldown` fraction of the run's budget
-    # (trainer.max_steps or trainer.max_minutes, whichever ends it first); 0 keeps it constant after warm-up
-    cooldown: float = 0.0
+    cooldown: float = 0.0  # schedule=linear: the fraction of trainer.max_steps the cool-down takes
+    min_lr_ratio: float = 0.0  # schedule=cosine: the final learning rate as a fraction of lr
+    # per parameter group learning rates, by the group names the stage defines (others use `lr`):
+    # tokenizer: encoder, pixel_decoder, semantic_decoder, disc; understanding: projector, lm;
+    # generation: projector, head, lm
+    group_lr: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,16 +119,55 @@ class TeacherConfig:
     weights: str = ""  # local weights file for a real open_clip model
     run: str = ""  # a teacher run folder from `evotok train teacher` (embedded default)
     random_init: bool = False  # tests only: an untrained teacher of `arch` (never a silent default)
-    lr_schedule: str = "cosine"  # teacher training: cosine | constant, after optim.warmup_steps of linear warm-up
     # tokenizer training: compute the frozen teacher's tokens of the whole train split once (at the start of
-    # training, inside its clock) and look them up by item index; needs a map-style source, no data.augment
+    # training) and look them up by item index; needs a map-style source, no data.augment
     cache_features: bool = False
 
 
 @dataclass
+class RunRef:
+    """A hand-over section: the upstream run a later stage reads (``tokenizer.run``, ``understanding.run``)."""
+
+    run: str = ""
+
+
+@dataclass
 class LMConfig:
-    preset: str = "tiny"
-    path: str = ""  # local Hugging Face checkpoint folder for real runs
+    preset: str = "tiny"  # stand-in LM size (evotok.models.lm.PRESETS)
+    path: str = ""  # a local Hugging Face folder (a real LLM, or an exported stand-in)
+    run: str = ""  # an `evotok train lm` run folder
+    vocab_size: int = 1024  # stand-in LM: the tokenizer trained on EvoShapes text
+    max_length: int = 128  # tokens per sequence (longer conversations follow the truncation policy)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class MLLMConfig:
+    """The understanding bridge: EvoTok features -> 2-layer GELU MLP projector -> the LM."""
+
+    phase: int = 1  # 1: projector only, caption conversations; 2: projector + LM, question/answer conversations
+    features: str = "semantic"  # semantic: the semantic decoder's output from z_l; latent: raw z_l
+    depth: int = 0  # l; 0 = Lsem for semantic features, Lpix for latent ones
+    cache_features: bool = True  # the frozen tokenizer's features computed once per item
+
+
+@dataclass
+class GenConfig:
+    """The generation head: LM + input projection of z_Lpix + depth transformer over the Lpix codes."""
+
+    phase: int = 1  # 1: projection + depth transformer (LM frozen); 2: everything
+    depth_layers: int = 2
+    depth_heads: int = 4
+    caption_dropout: float = 0.1  # empty prompt in training: the unconditional branch of CFG
+    cfg_scale: float = 3.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class CheckerConfig:
+    width: int = 32  # the classifier's base channel count
 
 
 @dataclass
@@ -126,8 +191,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    max_minutes: float = 0.0  # wall-clock limit, 0 = none
+    max_steps: int = 1000  # the run's length: schedules are functions of the step
+    max_minutes: float = 0.0  # a safety stop only (0 = none); a run it stops did not finish its schedule
     devices: Any = 1
     num_nodes: int = 1
     accelerator: str = "auto"
@@ -142,6 +207,7 @@ class TrainerConfig:
     limit_val_batches: float = 1.0
     threads: int = 2  # torch intra-op threads
     progress_bar: bool = True
+    loggers: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard | csv | wandb (offline)
 
 
 @dataclass
@@ -166,7 +232,12 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    tokenizer: RunRef = field(default_factory=RunRef)
     lm: LMConfig = field(default_factory=LMConfig)
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    understanding: RunRef = field(default_factory=RunRef)
+    gen: GenConfig = field(default_factory=GenConfig)
+    checker: CheckerConfig = field(default_factory=CheckerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -185,11 +256,17 @@ CHOICES = {
     "data.on_bad_file": ("skip", "error"),
     "eval.split": ("train", "val", "test", "heldout"),
     "eval.fid_features": ("teacher", "inception"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "mllm.features": ("semantic", "latent"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"),
 }
+LIST_CHOICES = {"trainer.loggers": ("tensorboard", "csv", "wandb")}
+OPEN_DICTS = ("optim.group_lr",)  # dict-valued keys whose entries are free names
 
 POSITIVE = (
     "model.lpix", "model.lsem", "model.quantizer.codebook_size", "model.quantizer.dim",
     "data.resolution", "data.batch_size", "trainer.num_nodes", "trainer.accumulate", "loss.sem_folds",
+    "lm.vocab_size", "lm.max_length", "gen.depth_layers", "gen.depth_heads", "checker.width",
 )
 
 
@@ -220,6 +297,7 @@ def _dataclass_type(owner: type, f: dataclasses.Field) -> Optional[type]:
 
 
 VALID_KEYS = _all_paths(Config)
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def suggest(key: str, candidates: Iterable[str] = VALID_KEYS) -> str:
@@ -248,8 +326,46 @@ def _check_keys(tree: Any, source: str, prefix: str = "") -> None:
                 key, value = next(iter(value.items()))
                 leaf = f"{leaf}.{key}"
             raise ConfigError(f"unknown config key '{leaf}' (from {source}){suggest(leaf)}")
-        if isinstance(value, dict) and any(p.startswith(path + ".") for p in VALID_KEYS):
+        if path in OPEN_DICTS and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' (from {source}) must be a mapping of names to numbers, got {value!r}")
+        if isinstance(value, dict) and path not in OPEN_DICTS and any(p.startswith(path + ".") for p in VALID_KEYS):
             _check_keys(value, source, path + ".")
+
+
+def leaf_paths(tree: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of the leaves of a nested dict (an open-dict key counts as one leaf)."""
+    if not isinstance(tree, dict) or (prefix and prefix.rstrip(".") in OPEN_DICTS):
+        return [prefix.rstrip(".")] if prefix else []
+    out: list[str] = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in OPEN_DICTS:
+            out.extend(leaf_paths(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def check_stage_keys(tree: Any, source: str, stage: str) -> None:
+    """Raise ConfigError on the first key of ``tree`` that ``stage`` does not read (evotok/stages.py)."""
+    from evotok.stages import get_stage
+
+    entry = get_stage(stage)
+    for path in leaf_paths(tree):
+        if not entry.reads_key(path):
+            why = entry.notes.get(path) or next((v for k, v in entry.notes.items() if path.startswith(k + ".")), "")
+            reads = ", ".join(entry.all_reads())
+            raise ConfigError(
+                f"config key '{path}' (from {source}) is not read by stage '{stage}'"
+                f"{': ' + why if why else ''} (stage '{stage}' reads {reads})"
+            )
+
+
+def stage_reads(stage: str, key: str) -> bool:
+    """Whether ``stage`` reads config key ``key`` (pipelines apply global overrides only where they are read)."""
+    from evotok.stages import get_stage
+
+    return get_stage(stage).reads_key(key)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -265,6 +381,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, OmegaConf.to_container(parsed)["v"]
 
 
+def override_key(item: str) -> str:
+    """The key of a ``key=value`` override."""
+    return _parse_override(item)[0]
+
+
 def _nest(key: str, value: Any) -> dict:
     out: dict = {}
     cur = out
@@ -275,19 +396,34 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or a NAME looked up under experiments/configs/ (with or without .yaml)."""
+def known_config_names() -> list[str]:
+    names: set[str] = set()
+    for root in experiment_dirs("configs"):
+        names.update(str(q.relative_to(root).with_suffix("")) for q in root.rglob("*.yaml") if q.name != "base.yaml")
+    return sorted(names)
+
+
+def resolve_config_path(name_or_path: str, relative_to: Optional[Path] = None) -> Path:
+    """A path to a YAML file, or a NAME (with or without .yaml) looked up next to ``relative_to`` (a file that
+    extends it), then under each folder of :func:`experiment_dirs` ('configs')."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    for cand in (p, CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+    cands = [p]
+    if relative_to is not None:
+        cands += [relative_to.parent / name_or_path, relative_to.parent / f"{name_or_path}.yaml"]
+    roots = experiment_dirs("configs")
+    for root in roots:
+        cands += [root / name_or_path, root / f"{name_or_path}.yaml"]
+    for cand in cands:
         if cand.is_file():
             return cand
-    known = sorted(str(q.relative_to(CONFIG_DIR).with_suffix("")) for q in CONFIG_DIR.rglob("*.yaml") if q != BASE_CONFIG)
+    known = known_config_names()
     hint = difflib.get_close_matches(name_or_path, known, n=1, cutoff=0.4)
     more = f" (did you mean '{hint[0]}'?)" if hint else ""
+    looked = ", ".join(str(r) for r in roots) + (f", {relative_to.parent}" if relative_to is not None else "")
     raise ConfigError(
-        f"config '{name_or_path}' not found: not a file and not a name under {CONFIG_DIR}{more}; "
+        f"config '{name_or_path}' not found: not a file and not a name under {looked}{more}; "
         f"known names: {', '.join(known)}"
     )
 
@@ -306,77 +442,119 @@ def _load_yaml(path: Path) -> dict:
     return data
 
 
+EXTENDS_KEYS = ("extends", "defaults")
+
+
+def experiment_layers(name_or_path: str) -> list[tuple[str, dict]]:
+    """The layers of an experiment file, parents first: the files it ``extends:`` (a name or a list of names,
+    each resolved next to the file, then as a config name; each parent's own parents first), then the file.
+    A cycle is an error naming the chain."""
+    return _layers(resolve_config_path(name_or_path), ())
+
+
+def _layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[str, dict]]:
+    real = path.resolve()
+    if real in chain:
+        names = " -> ".join(str(p) for p in (*chain, real))
+        raise ConfigError(f"config files extend each other in a cycle: {names}")
+    data = _load_yaml(path)
+    parents: Any = None
+    for key in EXTENDS_KEYS:
+        if key in data:
+            if parents is not None:
+                raise ConfigError(f"config file {path} sets both 'extends' and 'defaults'; use one")
+            parents = data.pop(key)
+    if parents is None:
+        parents = []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise ConfigError(f"config file {path}: 'extends' must be a config name or a list of names, got {parents!r}")
+    out: list[tuple[str, dict]] = []
+    for parent in parents:
+        out.extend(_layers(resolve_config_path(parent, relative_to=path), (*chain, real)))
+    out.append((str(path), data))
+    return out
+
+
 def load_config(
     experiment: Optional[str] = None,
     overrides: Iterable[str] = (),
     base: Optional[Path] = BASE_CONFIG,
+    stage: Optional[str] = None,
 ) -> Config:
-    """Merge schema <- base.yaml <- experiment <- overrides and return a validated Config."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """Merge schema <- base.yaml <- experiment (its ``extends:`` chain first) <- overrides; validate.
 
+    With ``stage``, every key set by the experiment chain or an override must be one the stage reads, and the
+    stage's own value checks run (e.g. ``data.resolution`` against the tokenizer preset)."""
     layers: list[tuple[str, dict]] = []
     if base is not None and Path(base).is_file():
         layers.append((str(base), _load_yaml(Path(base))))
     if experiment:
-        path = resolve_config_path(experiment)
-        layers.append((str(path), _load_yaml(path)))
+        layers.extend(experiment_layers(experiment))
     for item in overrides:
         key, value = _parse_override(item)
         layers.append((f"command line '{item}'", _nest(key, value)))
+    return _merge(layers, stage)
 
-    merged = OmegaConf.structured(Config)
+
+def _merge(layers: Iterable[tuple[str, dict]], stage: Optional[str], start: Any = None) -> Config:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(Config if start is None else start)
     for source, tree in layers:
         _check_keys(tree, source)
+        if stage is not None:
+            check_stage_keys(tree, source, stage)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(tree))
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             raise ConfigError(f"bad value for config key '{key}' (from {source}): {_first_line(e)}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    validate(cfg, stage)
     return cfg
 
 
-def with_overrides(cfg: Config, overrides: Iterable[str] = ()) -> Config:
+def with_overrides(cfg: Config, overrides: Iterable[str] = (), stage: Optional[str] = None) -> Config:
     """A copy of ``cfg`` with ``key=value`` overrides applied, checked like command-line overrides."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     overrides = list(overrides)
     if not overrides:
         return cfg
-    merged = OmegaConf.structured(cfg)
+    layers = []
     for item in overrides:
         key, value = _parse_override(item)
-        tree = _nest(key, value)
-        _check_keys(tree, f"override '{item}'")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(tree))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad value for config key '{key}' (from override '{item}'): {_first_line(e)}") from None
-    new: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(new)
-    return new
+        layers.append((f"override '{item}'", _nest(key, value)))
+    return _merge(layers, stage, start=cfg)
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _get(cfg: Config, path: str) -> Any:
+def get_key(cfg: Config, path: str) -> Any:
     obj: Any = cfg
     for p in path.split("."):
-        obj = getattr(obj, p)
+        obj = obj[p] if isinstance(obj, dict) else getattr(obj, p)
     return obj
 
 
-def validate(cfg: Config) -> None:
-    """Value checks the types alone cannot express; each error names its key."""
+_get = get_key
+
+
+def validate(cfg: Config, stage: Optional[str] = None) -> None:
+    """Value checks the types alone cannot express; each error names its key. With ``stage``, also the
+    stage's own checks (its registry entry's ``validate``)."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not one of {', '.join(allowed)}")
+    for key, allowed in LIST_CHOICES.items():
+        value = _get(cfg, key)
+        bad = [v for v in value if v not in allowed]
+        if bad or not value:
+            raise ConfigError(f"config key '{key}' = {list(value)!r}: each entry one of {', '.join(allowed)}, at least one")
     for key in POSITIVE:
         value = _get(cfg, key)
         if value <= 0:
@@ -385,8 +563,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.quantizer.ema_decay' must be in (0, 1), got {cfg.model.quantizer.ema_decay}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"config key 'data.heldout_fraction' must be in [0, 1), got {cfg.data.heldout_fraction}")
-    if not 0.0 <= cfg.optim.cooldown < 1.0:
-        raise ConfigError(f"config key 'optim.cooldown' must be in [0, 1), got {cfg.optim.cooldown}")
+    o = cfg.optim
+    if o.schedule == "linear" and not 0.0 < o.cooldown <= 1.0:
+        raise ConfigError(f"config key 'optim.cooldown' must be in (0, 1] with optim.schedule=linear, got {o.cooldown}")
+    if o.schedule != "linear" and o.cooldown != 0.0:
+        raise ConfigError(
+            f"config key 'optim.cooldown' = {o.cooldown} is only read by optim.schedule=linear "
+            f"(optim.schedule = {o.schedule!r}); set optim.schedule=linear or optim.cooldown=0"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
+    for name, lr in o.group_lr.items():
+        if not lr > 0:
+            raise ConfigError(f"config key 'optim.group_lr.{name}' must be positive, got {lr}")
+    if o.schedule != "constant" and cfg.trainer.max_steps <= 0:
+        raise ConfigError(
+            f"config key 'trainer.max_steps' must be positive with optim.schedule={o.schedule!r} "
+            f"(the schedule is a function of the step), got {cfg.trainer.max_steps}"
+        )
+    if cfg.trainer.max_minutes < 0:
+        raise ConfigError(f"config key 'trainer.max_minutes' must be >= 0, got {cfg.trainer.max_minutes}")
     if cfg.teacher.cache_features and cfg.data.augment:
         raise ConfigError(
             "config key 'teacher.cache_features' = true needs data.augment = false: augmented train images "
@@ -394,6 +592,11 @@ def validate(cfg: Config) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.gen.caption_dropout < 1.0:
+        raise ConfigError(f"config key 'gen.caption_dropout' must be in [0, 1), got {cfg.gen.caption_dropout}")
+    for key in ("mllm.phase", "gen.phase"):
+        if _get(cfg, key) not in (1, 2):
+            raise ConfigError(f"config key '{key}' must be 1 or 2, got {_get(cfg, key)}")
     if cfg.trainer.global_batch_size:
         per_step = cfg.data.batch_size * _num_devices(cfg.trainer.devices) * cfg.trainer.num_nodes
         if cfg.trainer.global_batch_size % per_step:
@@ -401,6 +604,29 @@ def validate(cfg: Config) -> None:
                 f"config key 'trainer.global_batch_size' = {cfg.trainer.global_batch_size} is not a multiple of "
                 f"data.batch_size * devices * num_nodes = {per_step}"
             )
+    if stage is not None:
+        from evotok.stages import _import, get_stage
+
+        entry = get_stage(stage)
+        if entry.validate:
+            _import(entry.validate)(cfg)
+
+
+def validate_tokenizer(cfg: Config) -> None:
+    """The tokenizer stage's value checks: the preset exists and fits data.resolution."""
+    from evotok.models.presets import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(
+            f"config key 'model.preset' = {cfg.model.preset!r} is not a tokenizer preset"
+            f"{suggest(cfg.model.preset, PRESETS)}; presets: {', '.join(PRESETS)}"
+        )
+    try:
+        PRESETS[cfg.model.preset]().check_resolution(cfg.data.resolution, cfg.model.preset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.loss.sem_folds < 1:
+        raise ConfigError(f"config key 'loss.sem_folds' must be positive, got {cfg.loss.sem_folds}")
 
 
 def _num_devices(devices: Any) -> int:
@@ -419,24 +645,86 @@ def accumulate_steps(cfg: Config) -> int:
     return cfg.trainer.global_batch_size // per_step
 
 
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, including the derived depth as a comment."""
+def to_dict(cfg: Config, stage: Optional[str] = None) -> dict:
+    """The config as a nested dict; with ``stage``, only the keys that stage reads."""
+    tree = dataclasses.asdict(cfg)
+    return tree if stage is None else stage_tree(tree, stage)
+
+
+def stage_tree(tree: dict, stage: str) -> dict:
+    """The sub-tree of ``tree`` that ``stage`` reads."""
+    from evotok.stages import get_stage
+
+    entry = get_stage(stage)
+
+    def keep(node: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if not entry.reads_key(path):
+                continue
+            if isinstance(v, dict) and path not in OPEN_DICTS and not any(
+                path == r or path.startswith(r + ".") for r in entry.all_reads()
+            ):
+                out[k] = keep(v, path + ".")
+            else:
+                out[k] = v
+        return out
+
+    return keep(tree, "")
+
+
+def to_yaml(cfg: Config, stage: Optional[str] = None) -> str:
+    """The resolved config as YAML (with ``stage``: only what that stage reads), the derived depth as a
+    comment when the model section is shown."""
     from omegaconf import OmegaConf
 
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    return f"# derived: depth L = max(lpix, lsem) = {cfg.depth}\n{text}"
+    text = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg, stage)))
+    if stage is None or "model" in to_dict(cfg, stage):
+        text = f"# derived: depth L = max(lpix, lsem) = {cfg.depth}\n{text}"
+    return text
 
 
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+# Saved configs (config.yaml, checkpoint hyper-parameters) of earlier versions: old key -> how it maps now.
+_RENAMED = {
+    "teacher.lr_schedule": "optim.schedule",
+}
 
 
-def from_dict(tree: dict) -> Config:
-    """Rebuild a Config from a saved dict (config.yaml or a checkpoint's hyper-parameters)."""
-    from omegaconf import OmegaConf
+def migrate_saved(tree: dict) -> dict:
+    """Bring a saved config of an earlier version to the current schema (a copy):
 
-    _check_keys(tree, "saved config")
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(tree))
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
-    return cfg
+    - ``teacher.lr_schedule`` (teacher training: cosine | constant) -> ``optim.schedule``;
+    - ``optim.cooldown`` > 0 without ``optim.schedule`` (tokenizer: a cool-down over the run's budget) ->
+      ``optim.schedule: linear`` (the fraction now counts trainer.max_steps);
+    - ``optim.disc_lr`` -> ``optim.group_lr.disc``.
+    """
+    import copy
+
+    tree = copy.deepcopy(tree)
+    optim = tree.setdefault("optim", {}) if isinstance(tree.get("optim", {}), dict) else {}
+    teacher = tree.get("teacher") if isinstance(tree.get("teacher"), dict) else {}
+    old_schedule = teacher.pop("lr_schedule", None)
+    if "schedule" not in optim:
+        if float(optim.get("cooldown", 0.0) or 0.0) > 0:
+            optim["schedule"] = "linear"
+        elif old_schedule is not None:
+            optim["schedule"] = old_schedule
+    if "disc_lr" in optim:
+        optim.setdefault("group_lr", {}).setdefault("disc", optim.pop("disc_lr"))
+    return tree
+
+
+def from_dict(tree: dict, source: str = "saved config") -> Config:
+    """Rebuild a Config from a saved dict (config.yaml or a checkpoint's hyper-parameters), migrating the
+    keys of earlier versions (:func:`migrate_saved`); a key this version does not know fails naming it."""
+    tree = migrate_saved(tree)
+    try:
+        _check_keys(tree, source)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}. The run was made by a version of the suite whose config this one cannot read; "
+            f"remove or rename that key in the run's config.yaml (and re-save the checkpoint's "
+            f"hyper_parameters['config'] the same way) to load it"
+        ) from None
+    return _merge([(source, tree)], None)

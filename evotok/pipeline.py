@@ -1,7 +1,10 @@
 """Named multi-stage pipelines (experiments/pipelines/<name>.yaml).
 
-Steps run in order and hand over through run folders only. A finished training step is skipped on a
-re-run; an interrupted one resumes from its last checkpoint. A step whose stage is not built yet stops
+Steps run in order and hand over through run folders only: a training step's upstream keys (the stage
+registry's hand-over keys, e.g. ``teacher.run`` for the tokenizer) are set to the run folders of the stages
+the pipeline trained before it, unless the step sets them itself. Global ``key=value`` overrides apply to the
+steps whose stage reads the key (an override no step reads is an error). A finished training step is skipped
+on a re-run; an interrupted one resumes from its last checkpoint. A step whose stage is not built yet stops
 the pipeline with a message saying so (never a stand-in result).
 """
 
@@ -11,24 +14,54 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from evotok.config import REPO_ROOT, ConfigError, load_config
+from evotok.config import ConfigError, experiment_dirs, load_config, override_key, stage_reads
 
-PIPELINE_DIR = REPO_ROOT / "experiments" / "pipelines"
-PIPELINES = tuple(sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml")))
+PIPELINE_DIRS = experiment_dirs("pipelines")
+PIPELINES = tuple(sorted({p.stem for d in PIPELINE_DIRS for p in d.glob("*.yaml")}))
 STEP_KINDS = ("data_preview", "train", "eval_recon", "figures", "record")
+
+
+def pipeline_path(name: str) -> Path:
+    """A pipeline spec file: a path, or a name under each folder of experiment_dirs('pipelines')."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for d in PIPELINE_DIRS:
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    raise ConfigError(
+        f"unknown pipeline '{name}' (looked in {', '.join(str(d) for d in PIPELINE_DIRS)}); pipelines: {', '.join(PIPELINES)}"
+    )
 
 
 def load_pipeline(name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    path = PIPELINE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown pipeline '{name}'; pipelines: {', '.join(PIPELINES)}")
+    from evotok.stages import STAGE_NAMES
+
+    path = pipeline_path(name)
     spec = OmegaConf.to_container(OmegaConf.load(path))
     for i, step in enumerate(spec.get("steps", [])):  # type: ignore[union-attr]
         if step.get("do") not in STEP_KINDS:
             raise ConfigError(f"{path}: step {i + 1} has do={step.get('do')!r}; one of {', '.join(STEP_KINDS)}")
+        if step.get("stage") is not None and step["stage"] not in STAGE_NAMES:
+            raise ConfigError(f"{path}: step {i + 1} has stage={step['stage']!r}; one of {', '.join(STAGE_NAMES)}")
     return spec  # type: ignore[return-value]
+
+
+def handover_overrides(stage: str, trained: dict[str, Path], step_overrides: Sequence[str]) -> list[str]:
+    """``key=path`` for every hand-over key of ``stage`` whose producing stage this pipeline trained earlier,
+    unless the step's own overrides set that key."""
+    from evotok.stages import HANDOVER, get_stage
+
+    own = {override_key(o) for o in step_overrides}
+    return [f"{key}={trained[HANDOVER[key]]}" for key in get_stage(stage).upstream
+            if HANDOVER[key] in trained and key not in own]
+
+
+def overrides_for(stage: str, overrides: Sequence[str]) -> list[str]:
+    """The global overrides ``stage`` reads."""
+    return [o for o in overrides if stage_reads(stage, override_key(o))]
 
 
 def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
@@ -40,6 +73,10 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
     run_name = spec.get("run_name", name)
     runs: dict[str, Path] = {}
     base = list(overrides)
+    stages = {step["stage"] for step in spec["steps"] if step["do"] == "train"}
+    for o in base:
+        if not any(stage_reads(st, override_key(o)) for st in stages):
+            raise ConfigError(f"override '{o}' is read by no stage of pipeline '{name}' (stages: {', '.join(sorted(stages))})")
     t0 = time.time()
     for i, step in enumerate(spec["steps"]):
         kind = step["do"]
@@ -47,17 +84,18 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
         if kind == "data_preview":
             from evotok.data.preview import write_preview
 
-            cfg = load_config(step.get("config"), base)
+            from evotok.stages import COMMON
+
+            cfg = load_config(step.get("config"), [o for o in base if override_key(o).split(".")[0] in COMMON])
             out = Path(cfg.run.dir) / "data" / f"evoshapes_preview_{cfg.data.resolution}px.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             write_preview(cfg, out)
             print(f"sample grid: {out.resolve()}")
         elif kind == "train":
             stage = step["stage"]
-            extra = [f"run.name={run_name}", *step.get("overrides", [])]
-            if step.get("teacher_from"):
-                extra.append(f"teacher.run={runs[step['teacher_from']]}")
-            cfg = load_config(step.get("config"), [*extra, *base])
+            own = list(step.get("overrides", []))
+            extra = [f"run.name={run_name}", *own, *handover_overrides(stage, runs, own)]
+            cfg = load_config(step.get("config"), [*extra, *overrides_for(stage, base)], stage=stage)
             path = run_path(cfg, stage)
             if RunDir(path).finished:
                 print(f"{stage}: finished run found at {path}; skipping (delete it or pass run.overwrite=true)")

@@ -103,7 +103,10 @@ def render_tokenizer(results: Path, name: str) -> str:
     depth = len(per[names[0]]) if names else 0
     rows = ["| depth | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for l in range(depth):
-        rows.append(f"| {l + 1} | " + " | ".join(_fmt(per[n][l], 3) for n in names) + " |")
+        # rfid with three significant digits: the embedded rFID falls below 1e-3 from depth 3 on
+        rows.append(f"| {l + 1} | " + " | ".join(
+            f"{per[n][l]:.3g}" if n == "rfid" and isinstance(per[n][l], float) else _fmt(per[n][l], 3) for n in names
+        ) + " |")
     extra = ""
     curve = data.get("curve")
     if curve:

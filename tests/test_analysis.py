@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from analysis import extract as extract_mod
-from analysis.depth_curves import cosine_rows, feature_depth_metrics, frechet_distance, plot_depth_curves
+from analysis.depth_curves import feature_depth_metrics, plot_depth_curves
 from analysis.kmeans import cluster_depths, cluster_mosaic, nmi_per_depth, plot_cluster_grids, plot_nmi
 from analysis.make_figures import make_figures
 from analysis.plotting import LPIX_GID, LSEM_GID, data_lines, save_figure
@@ -17,6 +17,12 @@ from analysis.tables import ablation_rows, ablation_table
 from analysis.tsne import depth_index, plot_tsne, subsample_positions, tsne_embed
 
 N_COLOR, N_SHAPE = 4, 4
+
+
+def _cos(a, b):
+    """Cosine along the last axis by its definition, in float64 (the test's reference for clipsim_pix)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +60,7 @@ def synthetic(L=6, B=160, d=8, P=60, seed=0, hw=4, E=12, W=10, px=8):
         "orig_tokens_BW": rng.standard_normal((B, W)).astype(np.float32),
         "sem_LBW": rng.standard_normal((L, B, W)).astype(np.float32),
         "clipsim_sem_LB": np.stack([np.full(B, 0.1 * (l + 1)) for l in range(L)]).astype(np.float32),
-        "clipsim_pix_LB": cosine_rows(recon, orig[None]).astype(np.float32),
+        "clipsim_pix_LB": _cos(recon, orig[None]).astype(np.float32),
         "psnr_LB": np.stack([np.full(B, 15.0 + l) for l in range(L)]).astype(np.float32),
         "images_BHWC": images,
         "factors": np.array(["shape", "color"]),
@@ -214,14 +220,26 @@ def test_depth_curves_std_band_and_missing_metric():
 def test_feature_depth_metrics_match_definitions():
     a = synthetic(L=3, B=40)
     m = feature_depth_metrics(a)
-    expect = [float(np.mean(cosine_rows(a["recon_teacher_LBE"][l], a["orig_teacher_BE"]))) for l in range(3)]
-    np.testing.assert_allclose(m["clipsim_pix"], expect, rtol=1e-6)
+    expect = [float(np.mean(_cos(a["recon_teacher_LBE"][l], a["orig_teacher_BE"]))) for l in range(3)]
+    np.testing.assert_allclose(m["clipsim_pix"], expect, rtol=1e-9)
     np.testing.assert_allclose(m["clipsim_sem"], [0.1, 0.2, 0.3], rtol=1e-5)
     np.testing.assert_allclose(m["psnr"], [15, 16, 17])
     assert m["rfid"][0] > m["rfid"][-1] > 0  # noisier reconstructions are further away
-    x = np.random.default_rng(0).standard_normal((200, 5))
-    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(x, x + 2.0) == pytest.approx(5 * 4.0, rel=1e-6)
+
+
+def test_feature_rfid_is_the_shared_frechet_distance():
+    """rfid from cached arrays is evotok.eval.metrics.fid_from_features: 0 for identical sets, ||shift||^2 for a
+    shifted copy (same covariance), and the 1-D closed form (mu1 - mu2)^2 + (s1 - s2)^2."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5))
+    rec = np.stack([x, x + 2.0])
+    m = feature_depth_metrics({"recon_teacher_LBE": rec, "orig_teacher_BE": x})
+    assert m["rfid"][0] == pytest.approx(0.0, abs=1e-6)
+    assert m["rfid"][1] == pytest.approx(5 * 4.0, rel=1e-6)
+    a, b = rng.normal(0, 1, (300, 1)), rng.normal(1, 3, (300, 1))
+    m1 = feature_depth_metrics({"recon_teacher_LBE": b[None], "orig_teacher_BE": a})
+    assert m1["rfid"][0] == pytest.approx((a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2, rel=1e-9)
+    assert "rfid" not in feature_depth_metrics({"recon_teacher_LBE": rec[:, :1], "orig_teacher_BE": x[:1]})
 
 
 # ------------------------------------------------------------------------------------------- tables

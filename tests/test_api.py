@@ -23,7 +23,7 @@ def run(tmp_path_factory):
         f"run.dir={tmp / 'runs'}", "run.name=api", "teacher.run=", "teacher.random_init=true", f"data.cache_dir={tmp / 'cache'}",
         "data.train_size=64", "data.val_size=16", "data.test_size=16", "data.batch_size=16",
         "model.quantizer.codebook_size=32", "trainer.max_steps=3", "trainer.val_every_n_steps=3",
-        "trainer.max_minutes=0", "trainer.progress_bar=false", "trainer.image_log_every_n_steps=0", "trainer.threads=1",
+        "trainer.progress_bar=false", "trainer.image_log_every_n_steps=0", "trainer.threads=1",
     ])
     return train(cfg, "tokenizer")
 
@@ -73,3 +73,30 @@ def test_not_a_tokenizer_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}}, ckpt)
     with pytest.raises(TokenizerLoadError, match="not a tokenizer checkpoint"):
         load_tokenizer(ckpt)
+
+
+def test_encode_follows_the_data_layers_bad_file_policy(run, images_dir, tmp_path, capsys):
+    from evotok.cli import main
+
+    (images_dir / "broken.png").write_bytes(b"this is not a png")
+    (images_dir / "notes.txt").write_text("not an image, not an image suffix either")
+    with pytest.warns(UserWarning, match="broken.png"):
+        npz = encode_folder(run.path, images_dir, tmp_path / "codes.npz")
+    data = np.load(npz)
+    assert list(data["names"]) == ["im0.png", "im1.png", "im2.png", "sub/wide.jpg"]  # names stay aligned with codes
+    assert data["codes"].shape[0] == 4 and [p.rsplit("/", 1)[-1] for p in data["skipped"]] == ["broken.png"]
+    # data.on_bad_file=error: one line naming the file, no traceback
+    assert main(["encode", "--run", str(run.path), "--images", str(images_dir), "--out", str(tmp_path / "c.npz"),
+                 "data.on_bad_file=error"]) == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "data.on_bad_file" in err and "Traceback" not in err
+
+
+def test_a_run_path_that_is_not_a_checkpoint_gets_one_line(tmp_path, capsys):
+    from evotok.cli import main
+
+    for name, data in (("notes.txt", b"hello"), ("weights.ckpt", b"\x00\x01 garbage")):
+        (tmp_path / name).write_bytes(data)
+        assert main(["export", "--run", str(tmp_path / name), "--out", str(tmp_path / "o.safetensors")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert name in err and "is not a checkpoint file" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from evotok.cli import EXIT_NOT_BUILT, EXIT_USAGE, build_parser, main
+from evotok.stages import STAGE_NAMES, STAGES
 
 COMMANDS = ("train", "sweep", "pipeline", "eval", "figures", "bench", "data", "generate", "chat", "encode", "decode", "export")
 
@@ -76,9 +77,37 @@ def test_overrides_rejected_where_not_accepted(capsys):
 
 
 def test_dry_run_prints_resolved_config(capsys):
-    assert main(["train", "lm", "--dry-run", "model.lpix=7", "model.lsem=2"]) == 0
+    assert main(["train", "tokenizer", "--dry-run", "model.lpix=7", "model.lsem=2"]) == 0
     out = capsys.readouterr().out
     assert "lpix: 7" in out and "depth L = max(lpix, lsem) = 7" in out
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_registry_drives_the_stage_list_and_dry_run(stage, capsys):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    train = sub.choices["train"]
+    assert tuple(next(a for a in train._actions if a.dest == "stage").choices) == STAGE_NAMES
+    assert main(["train", stage, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"# stage {stage}: {STAGES[stage].summary}" in out
+    if STAGES[stage].built:  # a built stage describes its model, an unbuilt one says so
+        assert "parameters" in out and "not built yet" not in out
+    else:
+        assert f"stage '{stage}' is not built yet" in out
+    assert "run:" in out and "trainer:" in out  # the resolved config of what the stage reads
+
+
+def test_a_key_of_another_stage_names_key_and_stage(capsys):
+    assert main(["train", "teacher", "--dry-run", "model.lpix=4"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'model.lpix'" in err and "not read by stage 'teacher'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, key", [("model.preset=huge", "model.preset"), ("data.resolution=30", "data.resolution")])
+def test_bad_values_fail_at_load_in_one_line(override, key, capsys):
+    assert main(["train", "tokenizer", "--dry-run", override]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert f"'{key}'" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_dry_run_describes_the_paper_tokenizer_without_weights(capsys):

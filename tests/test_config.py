@@ -23,6 +23,73 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def test_extends_chain_resolves_in_order_with_overrides_last(tmp_path):
+    from evotok.config import experiment_layers
+
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "a.yaml", "model:\n  lpix: 1\n  lsem: 2\ndata:\n  batch_size: 4\n")
+    _write(tmp_path / "sub" / "b.yaml", "extends: ../a\nmodel:\n  lsem: 3\ndata:\n  resolution: 64\n")
+    _write(tmp_path / "c.yaml", "defaults: [a, sub/b]\nmodel:\n  lpix: 5\n")
+    c = tmp_path / "c.yaml"
+    layers = [Path(src).name for src, _ in experiment_layers(str(c))]
+    assert layers == ["a.yaml", "a.yaml", "b.yaml", "c.yaml"]  # parents first, each parent's own parents first
+    cfg = load_config(str(c), ["data.resolution=48"], stage="tokenizer")
+    assert (cfg.model.lpix, cfg.model.lsem, cfg.data.batch_size, cfg.data.resolution) == (5, 3, 4, 48)
+
+
+def test_extends_cycle_is_a_clear_error(tmp_path):
+    _write(tmp_path / "x.yaml", "extends: y\nmodel:\n  lpix: 1\n")
+    _write(tmp_path / "y.yaml", "extends: x\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*x.yaml -> .*y.yaml -> .*x.yaml"):
+        load_config(str(tmp_path / "x.yaml"))
+    _write(tmp_path / "z.yaml", "extends: nowhere\n")
+    with pytest.raises(ConfigError, match="config 'nowhere' not found"):
+        load_config(str(tmp_path / "z.yaml"))
+
+
+def test_tiny_tokenizer_configs_are_one_base_plus_the_attach_points():
+    for name, (lpix, lsem) in {"entangled_tiny": (4, 4), "sem2pix_tiny": (16, 4)}.items():
+        text = (CONFIG_DIR / "tokenizer" / f"{name}.yaml").read_text()
+        keys = [ln.split(":")[0].strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        assert keys == ["extends", "model", "lpix", "lsem"], keys
+        cfg = load_config(f"tokenizer/{name}", stage="tokenizer")
+        assert (cfg.model.lpix, cfg.model.lsem) == (lpix, lsem)
+
+
+def test_base_yaml_repeats_no_schema_default():
+    from omegaconf import OmegaConf
+
+    from evotok.config import get_key, leaf_paths
+
+    tree = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "base.yaml")) or {}
+    for path in leaf_paths(tree):
+        assert get_key(Config(), path) != get_key(load_config(None), path), f"base.yaml repeats the default of {path}"
+        assert path.split(".")[0] in ("data", "trainer", "run"), f"base.yaml sets {path}, which not every stage reads"
+
+
+@pytest.mark.parametrize("stage,key", [("teacher", "model.lpix"), ("teacher", "teacher.run"), ("tokenizer", "mllm.phase"),
+                                       ("lm", "lm.path"), ("understanding", "model.lsem"), ("checker", "gen.cfg_scale")])
+def test_a_key_the_stage_does_not_read_names_key_and_stage(stage, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=1"], stage=stage)
+    assert f"config key '{key}'" in str(e.value) and f"is not read by stage '{stage}'" in str(e.value)
+    load_config(None, [f"{key}=1"] if key != "teacher.run" else [])  # without a stage every schema key is accepted
+
+
+def test_configs_resolve_from_the_installed_copy_or_say_where_they_looked(tmp_path, monkeypatch):
+    from evotok import config as config_mod
+
+    installed = tmp_path / "_experiments"
+    (installed / "configs" / "tokenizer").mkdir(parents=True)
+    (installed / "configs" / "tokenizer" / "only_here.yaml").write_text("model:\n  lpix: 3\n")
+    monkeypatch.setattr(config_mod, "REPO_ROOT", tmp_path / "no_checkout")
+    monkeypatch.setattr(config_mod, "PACKAGED_EXPERIMENTS", installed)
+    assert resolve_config_path("tokenizer/only_here") == installed / "configs" / "tokenizer" / "only_here.yaml"
+    with pytest.raises(ConfigError) as e:
+        resolve_config_path("tokenizer/elsewhere")
+    assert str(installed / "configs") in str(e.value)
+
+
 def test_merge_order_schema_base_experiment_cli(tmp_path):
     base = _write(tmp_path / "base.yaml", "model:\n  lpix: 5\n  lsem: 6\ndata:\n  batch_size: 8\n")
     exp = _write(tmp_path / "exp.yaml", "model:\n  lsem: 7\ndata:\n  resolution: 64\n")
@@ -89,7 +156,10 @@ def test_derived_key_cannot_be_set(key):
         ("model.quantizer.ema_decay=1.5", "model.quantizer.ema_decay"),
         ("data.source=imagenet", "data.source"),
         ("data.heldout_fraction=1.0", "data.heldout_fraction"),
-        ("optim.cooldown=1.0", "optim.cooldown"),
+        ("optim.cooldown=0.5", "optim.cooldown"),  # needs optim.schedule=linear
+        ("optim.schedule=wsd", "optim.schedule"),
+        ("optim.group_lr.lm=-1", "optim.group_lr.lm"),
+        ("trainer.loggers=[tensorboard,mlflow]", "trainer.loggers"),
         ("optim.betas=[0.9]", "optim.betas"),
     ],
 )

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from evotok.config import Config, DataConfig
-from evotok.data.datamodule import STAGE_KEYS, STAGES, EvoTokDataModule
+from evotok.data.datamodule import EvoTokDataModule
+from evotok.stages import STAGE_NAMES as STAGES
+from evotok.stages import STAGES as REGISTRY
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def _cfg(cache_dir, **kw) -> Config:
 
 
 def _check_batch(batch: dict, stage: str, bs: int, res: int = 32) -> None:
-    assert set(batch) == set(STAGE_KEYS[stage]), stage
+    assert set(batch) == set(REGISTRY[stage].batch.fields), stage
     if "image" in batch:
         assert batch["image"].shape == (bs, 3, res, res) and batch["image"].dtype == torch.float32
     if "labels" in batch:

@@ -88,6 +88,23 @@ def test_ema_matches_hand_computed_example():
     torch.testing.assert_close(out.perplexity_L, torch.exp(-(p * p.log()).sum())[None])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_usage_and_perplexity_are_the_shared_functions_on_its_codes(training):
+    from evotok.models.codestats import code_counts, perplexity_from_counts, usage_from_counts
+
+    torch.manual_seed(4)
+    q = _q(K=8, L=3).train()
+    q(torch.randn(2, 4, 3, 5))  # initialise
+    q.train(training)
+    out = q(torch.randn(2, 4, 3, 5))
+    counts_LK = code_counts(out.codes, 3, 8)
+    assert counts_LK.sum().item() == 3 * 2 * 3 * 5
+    assert out.usage_L.dtype == torch.float32 and out.perplexity_L.dtype == torch.float32
+    torch.testing.assert_close(out.usage_L, usage_from_counts(counts_LK).float())
+    torch.testing.assert_close(out.perplexity_L, perplexity_from_counts(counts_LK).float())
+    assert bool(((out.perplexity_L >= 1) & (out.perplexity_L <= 8)).all()) and bool((out.usage_L > 0).all())
+
+
 def test_eval_mode_does_not_learn():
     torch.manual_seed(2)
     q = _q().train()

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from evotok.config import load_config
-from evotok.runs import RunError, create_run, read_metrics, resolve_run, write_metrics
+from evotok.runs import RunError, create_run, prepare_run, read_metrics, resolve_run, write_metrics
 
 
 def _cfg(tmp_path, *extra):
@@ -40,24 +40,42 @@ def test_metrics_json_schema_and_merge(tmp_path):
     assert m["per_depth"] == {"psnr": [20.0, 22.0], "usage": [0.9, None]}
 
 
-def test_finished_run_is_not_overwritten(tmp_path):
+def test_finished_run_is_not_overwritten_and_overwrite_starts_afresh(tmp_path):
     cfg = _cfg(tmp_path)
     run = create_run(cfg, "teacher")
-    (run.checkpoints / "last.ckpt").write_text("x")
+    old = [run.last_ckpt, run.best_ckpt, run.metrics, run.tb / "events.out.tfevents.1", run.figures / "f.png",
+           run.path / "analysis" / "features.npz"]
+    for f in old:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("old")
     run.mark_finished()
     with pytest.raises(RunError) as e:
-        create_run(cfg, "teacher")
+        prepare_run(cfg, "teacher", {})
     assert str(run.path) in str(e.value) and "run.overwrite=true" in str(e.value)
-    assert (run.checkpoints / "last.ckpt").exists()  # nothing lost by the refusal
-    run2 = create_run(_cfg(tmp_path, "run.overwrite=true"), "teacher")
-    assert not run2.finished and not (run2.checkpoints / "last.ckpt").exists()
+    assert all(f.exists() for f in old)  # nothing lost by the refusal
+    cfg2 = _cfg(tmp_path, "run.overwrite=true")
+    prepare_run(cfg2, "teacher", {})
+    assert all(f.exists() for f in old)  # prepare_run never deletes: the run folder goes when the new run starts
+    run2 = create_run(cfg2, "teacher")
+    assert not run2.finished
+    left = sorted(str(p.relative_to(run2.path)) for p in run2.path.rglob("*") if p.is_file())
+    assert left == ["config.yaml", "provenance.json"]  # no file of the old run survives
 
 
 def test_resume_with_other_model_is_refused(tmp_path):
+    import torch
+
     run = create_run(_cfg(tmp_path, "model.lpix=4"), "tokenizer")
-    run.last_ckpt.write_text("x")
+    torch.save({"state_dict": {}}, run.last_ckpt)
     with pytest.raises(RunError, match="model.lpix"):
-        create_run(_cfg(tmp_path, "model.lpix=16"), "tokenizer")
+        prepare_run(_cfg(tmp_path, "model.lpix=16"), "tokenizer", {})
+    prepare_run(_cfg(tmp_path, "model.lpix=4", "trainer.max_steps=99"), "tokenizer", {})  # a longer run resumes
+
+
+def test_saved_config_holds_what_the_stage_reads(tmp_path):
+    run = create_run(_cfg(tmp_path), "teacher")
+    saved = OmegaConf.to_container(OmegaConf.load(run.config))
+    assert set(saved) == {"teacher", "optim", "data", "trainer", "run"} and set(saved["teacher"]) == {"arch"}
 
 
 def test_resolve_run_accepts_folder_or_ckpt(tmp_path):

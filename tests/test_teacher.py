@@ -155,7 +155,7 @@ def trained_run(tmp_path_factory):
     cfg = load_config("teacher/tiny", [
         f"run.dir={root / 'runs'}", "run.name=t", f"data.cache_dir={root / 'cache'}",
         "data.train_size=640", "data.val_size=128", "data.test_size=32", "data.batch_size=32",
-        "trainer.max_steps=40", "trainer.max_minutes=0", "trainer.val_every_n_steps=40", "trainer.threads=1",
+        "trainer.max_steps=40", "trainer.val_every_n_steps=40", "trainer.threads=1",
         "trainer.progress_bar=false", "trainer.log_every_n_steps=10", "optim.warmup_steps=5",
     ])
     run = train(cfg, "teacher")
@@ -190,7 +190,7 @@ def test_short_training_lowers_loss_and_writes_metrics(trained_run):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     torch.manual_seed(cfg.run.seed)
-    initial = build(cfg).teacher.eval()
+    initial = build(cfg, {}).teacher.eval()
     trained = teacher_from_run(run.path).freeze()
     assert _clip_loss(trained, batch) < _clip_loss(initial, batch) - 0.1
 
@@ -217,19 +217,16 @@ def test_reload_from_run_folder_is_deterministic_and_matches_metrics(trained_run
     assert acc["count"] == pytest.approx(stored["zeroshot_count"])
 
 
-def test_lr_schedule_warmup_cosine_constant_and_bad_name():
-    from evotok.config import ConfigError
-    from evotok.lit.teacher_module import TeacherModule, lr_lambda
+def test_teacher_schedule_comes_from_the_shared_optim_section():
+    from evotok.config import ConfigError, to_dict
+    from evotok.lit.teacher_module import TeacherModule
 
-    assert lr_lambda(0, 10, 100, "cosine") == pytest.approx(0.1)
-    assert lr_lambda(9, 10, 100, "cosine") == pytest.approx(1.0)
-    assert lr_lambda(55, 10, 100, "cosine") == pytest.approx(0.5)
-    assert lr_lambda(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert lr_lambda(90, 10, 100, "constant") == 1.0
-    from evotok.config import to_dict
-
-    with pytest.raises(ConfigError, match="teacher.lr_schedule"):
-        TeacherModule(to_dict(load_config(None, ["teacher.lr_schedule=linear"])))
+    cfg = load_config("teacher/tiny", ["optim.schedule=cosine", "trainer.max_steps=100"], stage="teacher")
+    module = TeacherModule(to_dict(cfg, "teacher"))
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert sched.lr_lambdas[0](0) == pytest.approx(1 / 100)  # optim.warmup_steps=100 in teacher/tiny
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_config(None, ["optim.schedule=linearly"], stage="teacher")
 
 
 def test_random_init_teacher_is_the_same_on_every_load():

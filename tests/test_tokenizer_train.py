@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     from evotok.lit.train import train
 
     tmp = tmp_path_factory.mktemp("tok")
-    cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp) + ["trainer.max_minutes=0"])
+    cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp))
     run = train(cfg, "tokenizer")
     return cfg, run
 
@@ -59,7 +59,7 @@ def test_training_lowers_reconstruction_loss(trained):
     assert sum(recon[GAN_START - 8:GAN_START]) / 8 < 0.9 * sum(recon[:4]) / 4, recon
     # the whole val split: the trained tokenizer against the same tokenizer before training (same seed)
     L.seed_everything(cfg.run.seed, verbose=False)
-    before = build(cfg).eval()
+    before = build(cfg, {}).eval()
     dm = EvoTokDataModule(cfg, stage="tokenizer")
     dm.prepare_data()
     dm.setup("fit")
@@ -81,8 +81,8 @@ def test_max_steps_counts_generator_steps(trained):
     assert len(metrics["per_depth"]["usage"]) == 16 and 0 < min(metrics["per_depth"]["usage"]) <= 1
     assert "val/psnr" in metrics["scalars"] and metrics["scalars"]["val/psnr"] > 5
     assert any(t.startswith("recon/") for t in acc.Tags()["images"])
-    # optim.cooldown (0.3 in the tiny configs; max_minutes=0 here, so the step budget counts): constant lr,
-    # then linear towards 0 over the last 30% of the steps
+    # optim.schedule=linear with optim.cooldown=0.3 (the tiny configs): constant lr, then linear towards 0
+    # over the last 30% of trainer.max_steps
     lrs, _ = scalar_series(run, "train/lr")
     lr, cool = 2e-3, 0.3
     assert lrs[: int(STEPS * (1 - cool))] == pytest.approx([lr] * int(STEPS * (1 - cool)))
@@ -133,7 +133,7 @@ def test_missing_teacher_weights_file_fails_clearly(tmp_path):
     missing = tmp_path / "no_such_teacher.pt"
     cfg = load_config("tokenizer/evotok_tiny", ["teacher.run=", "teacher.random_init=false", f"teacher.weights={missing}"])
     with pytest.raises(FileNotFoundError, match="teacher.weights") as e:
-        build(cfg)
+        build(cfg, {})
     assert str(missing) in str(e.value)
 
 
@@ -142,7 +142,7 @@ def test_bf16_mixed_precision_runs(tmp_path):
     from evotok.lit.train import train
 
     cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "bf16", steps=2) + [
-        "trainer.max_minutes=0", "trainer.precision=bf16-mixed", "loss.gan_start=1", "data.train_size=32",
+        "trainer.precision=bf16-mixed", "loss.gan_start=1", "data.train_size=32",
         "data.val_size=16", "data.batch_size=8", "trainer.image_log_every_n_steps=1",
     ])
     run = train(cfg, "tokenizer")
@@ -165,7 +165,7 @@ def test_run_killed_mid_epoch_resumes_on_the_next_batch(tmp_path, monkeypatch):
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(tokenizer_module.TokenizerModule, "training_step", spy)
-    extra = ["trainer.max_minutes=0", "trainer.ckpt_every_n_steps=4", "loss.gan_start=1000"]
+    extra = ["trainer.ckpt_every_n_steps=4", "loss.gan_start=1000"]
     run = train(load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, "killed", steps=8) + extra), "tokenizer")
     ckpt = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"served": 8}]
@@ -185,7 +185,7 @@ def test_cached_teacher_tokens_train_like_computed_ones(tmp_path, capsys):
     series = {}
     for cached in (True, False):
         cfg = load_config("tokenizer/evotok_tiny", tiny_overrides(tmp_path, f"cache_{cached}", steps=4) + [
-            "trainer.max_minutes=0", f"teacher.cache_features={str(cached).lower()}",
+            f"teacher.cache_features={str(cached).lower()}",
         ])
         series[cached], _ = scalar_series(train(cfg, "tokenizer"), "train/sem")
         out = capsys.readouterr().out
@@ -193,3 +193,73 @@ def test_cached_teacher_tokens_train_like_computed_ones(tmp_path, capsys):
     assert len(series[True]) == 4
     assert series[True][0] == pytest.approx(series[False][0], rel=2e-4)  # same weights: only the float16 targets differ
     assert series[True] == pytest.approx(series[False], rel=5e-3)  # then the updates differ that little
+
+
+def test_two_runs_of_one_config_give_identical_losses(tmp_path):
+    """The schedule is a function of the step and the data order of (data.seed, epoch): the same config and
+    seed give the same loss at every logged step, whatever the machine's speed."""
+    from evotok.lit.train import train
+
+    series = []
+    for name in ("a", "b"):
+        over = tiny_overrides(tmp_path, name, steps=60) + ["loss.gan_start=1000", "data.train_size=256",
+                                                            "trainer.image_log_every_n_steps=0"]
+        run = train(load_config("tokenizer/evotok_tiny", over, stage="tokenizer"), "tokenizer")
+        series.append({tag: scalar_series(run, tag)[0] for tag in ("train/loss", "train/lr", "train/recon")})
+    assert len(series[0]["train/loss"]) == 60
+    assert series[0] == series[1]  # bit for bit
+    assert series[0]["train/lr"][-1] < series[0]["train/lr"][0]  # the cool-down ran, by step
+
+
+def _old_format(config: dict) -> dict:
+    """A tokenizer config as the suite saved it before per-stage sections and step-based schedules."""
+    import copy
+
+    old = copy.deepcopy(config)
+    for section in ("tokenizer", "mllm", "understanding", "gen", "checker"):
+        old.pop(section, None)
+    old["teacher"]["lr_schedule"] = "cosine"
+    for k in ("schedule", "min_lr_ratio", "group_lr"):
+        old["optim"].pop(k, None)
+    old["optim"]["disc_lr"] = 1e-4
+    old["trainer"].pop("loggers", None)
+    old["lm"] = {"preset": "tiny", "path": ""}
+    return old
+
+
+def test_checkpoint_from_before_the_stage_sections_loads(trained, tmp_path):
+    from evotok.config import to_dict
+
+    cfg, run = trained
+    ckpt = torch.load(run.last_ckpt, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["config"] = _old_format(to_dict(cfg))
+    ckpt.pop("evotok", None)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    old = load_tokenizer(tmp_path / "old.ckpt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old.encode(x), load_tokenizer(run.last_ckpt).encode(x))
+    assert old.config.optim.schedule == "linear" and old.config.optim.group_lr == {"disc": 1e-4}
+    # a key this version cannot map fails naming it and saying how to convert the checkpoint
+    ckpt["hyper_parameters"]["config"]["model"]["decoder_kind"] = "vqgan"
+    torch.save(ckpt, tmp_path / "odd.ckpt")
+    with pytest.raises(Exception, match=r"model\.decoder_kind.*hyper_parameters\['config'\]"):
+        load_tokenizer(tmp_path / "odd.ckpt")
+
+
+def test_an_upstream_that_fails_to_load_leaves_no_run_folder(tmp_path):
+    from evotok.handover import UpstreamError
+    from evotok.lit.train import train
+    from evotok.runs import CheckpointError
+
+    over = tiny_overrides(tmp_path, "orphan", steps=2)
+    with pytest.raises(UpstreamError, match="teacher.run"):
+        train(load_config("tokenizer/evotok_tiny", over + ["teacher.random_init=false", f"teacher.run={tmp_path / 'none'}"]),
+              "tokenizer")
+    bad = tmp_path / "runs" / "teacher" / "broken" / "checkpoints"
+    bad.mkdir(parents=True)
+    (bad / "last.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="last.ckpt is not a checkpoint"):
+        train(load_config("tokenizer/evotok_tiny", over + ["teacher.random_init=false", f"teacher.run={bad.parent}"]),
+              "tokenizer")
+    assert not (tmp_path / "runs" / "tokenizer" / "orphan").exists()

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from evotok.config import load_config
+from evotok import stages
+from evotok.config import ConfigError, load_config
 from evotok.lit import train as train_mod
+from evotok.lit.optim import lr_groups, lr_multiplier
 
 
 class _Regression(L.LightningModule):
@@ -61,14 +63,16 @@ class _Data(L.LightningDataModule):
 def fixture_stage(monkeypatch):
     built = []
 
-    def build(cfg):
+    def build(cfg, upstream):
         built.append(_Regression())
         return built[-1]
+
+    import dataclasses
 
     mod = types.ModuleType("evotok_test_stage")
     mod.build = build
     monkeypatch.setitem(sys.modules, "evotok_test_stage", mod)
-    monkeypatch.setitem(train_mod.STAGE_BUILDERS, "checker", "evotok_test_stage")
+    monkeypatch.setitem(stages.STAGES, "checker", dataclasses.replace(stages.STAGES["checker"], module="evotok_test_stage"))
     return built
 
 
@@ -102,27 +106,62 @@ def test_stopped_run_resumes_from_last_checkpoint(tmp_path, fixture_stage):
 
 
 def test_unknown_stage_and_unbuilt_stage():
-    with pytest.raises(ValueError, match="unknown stage 'tokeniser'"):
-        train_mod.stage_builder("tokeniser")
-    with pytest.raises(train_mod.StageNotBuilt, match="'generation' is not built"):
-        train_mod.stage_builder("generation")
+    with pytest.raises(stages.UnknownStage, match="unknown stage 'tokeniser' \\(did you mean 'tokenizer'\\?\\)"):
+        stages.get_stage("tokeniser")
+    with pytest.raises(stages.StageNotBuilt, match="'generation' is not built"):
+        train_mod.train(load_config(None), "generation")
 
 
-def test_lr_factor_warms_up_holds_then_cools_down_to_zero():
-    f = train_mod.lr_factor
-    assert f(0, 10, 0.0, 0.2) == pytest.approx(0.1) and f(9, 10, 0.0, 0.2) == 1.0  # linear warm-up
-    assert f(500, 10, 0.5, 0.2) == 1.0 and f(500, 10, 0.79, 0.2) == 1.0  # stable until the last 20%
-    assert f(500, 10, 0.9, 0.2) == pytest.approx(0.5) and f(500, 10, 1.0, 0.2) == 0.0  # linear to 0
-    assert f(500, 0, 0.99, 0.0) == 1.0  # cooldown 0: constant
+def _optim(*extra):
+    return load_config(None, list(extra)).optim
 
 
-def test_budget_used_is_the_larger_of_steps_and_time():
-    from lightning.pytorch.callbacks import Timer
+def test_lr_schedules_are_functions_of_the_step():
+    const = _optim("optim.warmup_steps=10")
+    assert lr_multiplier(0, 100, const) == pytest.approx(0.1) and lr_multiplier(9, 100, const) == 1.0
+    assert lr_multiplier(99, 100, const) == 1.0
+    lin = _optim("optim.schedule=linear", "optim.cooldown=0.2", "optim.warmup_steps=10")
+    assert lr_multiplier(50, 100, lin) == 1.0 and lr_multiplier(80, 100, lin) == 1.0  # stable until the last 20%
+    assert lr_multiplier(90, 100, lin) == pytest.approx(0.5) and lr_multiplier(100, 100, lin) == 0.0
+    cos = _optim("optim.schedule=cosine", "optim.min_lr_ratio=0.1")
+    assert lr_multiplier(0, 100, cos) == pytest.approx(1.0) and lr_multiplier(100, 100, cos) == pytest.approx(0.1)
+    assert lr_multiplier(50, 100, cos) == pytest.approx(0.55)
+    with pytest.raises(ConfigError, match="optim.cooldown"):
+        _optim("optim.cooldown=0.3")  # a cool-down needs schedule=linear
 
-    timer = Timer(duration={"minutes": 10})
-    timer.load_state_dict({"time_elapsed": {"train": 180.0}})  # a resumed run: 3 of 10 minutes spent
-    trainer = types.SimpleNamespace(global_step=100, max_steps=1000, callbacks=[timer])
-    assert train_mod.budget_used(trainer) == pytest.approx(0.3, abs=0.01)
-    trainer.global_step = 500
-    assert train_mod.budget_used(trainer) == pytest.approx(0.5)
-    assert train_mod.budget_used(types.SimpleNamespace(global_step=5, max_steps=-1, callbacks=[])) == 0.0
+
+def test_group_learning_rates_and_unknown_group():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    groups = lr_groups({"projector": a.parameters(), "lm": list(b.parameters())}, _optim("optim.lr=0.5",
+                       "optim.group_lr.projector=0.01"), "understanding")
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("projector", 0.01, 2), ("lm", 0.5, 2)]
+    with pytest.raises(ConfigError, match=r"'optim.group_lr.head' names no parameter group of stage 'understanding'"):
+        lr_groups({"projector": [], "lm": []}, _optim("optim.group_lr.head=0.1"), "understanding")
+
+
+def test_loggers_from_config(tmp_path, fixture_stage):
+    cfg = load_config(None, [
+        f"run.dir={tmp_path}", "run.name=t", "trainer.max_steps=4", "trainer.val_every_n_steps=4",
+        "trainer.progress_bar=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1",
+        "trainer.loggers=[tensorboard,csv]",
+    ])
+    run = train_mod.train(cfg, "checker", datamodule=_Data())
+    assert list(run.tb.rglob("events.out.tfevents.*"))
+    rows = (run.path / "csv" / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in rows[0] and len(rows) > 2
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="'trainer.loggers' lists wandb.*not installed"):
+            train_mod.make_loggers(load_config(None, ["trainer.loggers=[wandb]"]), run)
+
+
+def test_a_safety_stop_is_recorded(tmp_path, fixture_stage):
+    """trainer.max_minutes only stops a run; metrics.json then says the schedule did not finish."""
+    cfg = load_config(None, [
+        f"run.dir={tmp_path}", "run.name=t", "trainer.max_steps=500", "trainer.max_minutes=0.00001",
+        "trainer.val_every_n_steps=4", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+    ])
+    with pytest.warns(RuntimeWarning, match=r"safety stop at step \d+ of trainer.max_steps=500"):
+        run = train_mod.train(cfg, "checker", datamodule=_Data())
+    assert "schedule did not finish" in json.loads(run.metrics.read_text())["stopped_early"]

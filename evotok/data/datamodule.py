@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -11,54 +11,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from evotok.data import DataError
-from evotok.data.collate import collate
 from evotok.data.sources import build_dataset
-
-# Batch keys per stage (values collated by evotok.data.collate.collate).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "teacher": ("image", "caption_sem", "labels"),
-    "tokenizer": ("image", "labels", "index"),
-    "lm": ("text",),
-    "understanding": ("image", "conversations", "question", "answer"),
-    "generation": ("image", "caption"),
-    "checker": ("image", "labels"),
-}
-STAGES = tuple(STAGE_KEYS)
-_TASK_OF_STAGE = {"understanding": "understanding", "generation": "generation"}
+from evotok.data.views import item_text  # noqa: F401  (re-exported)
 
 
-def _strip_image(text: str) -> str:
-    return text.replace("<image>", "").strip()
+
+def _spec(stage: str):
+    from evotok.stages import get_stage
+
+    return get_stage(stage).batch
 
 
 def stage_fields(item: dict, stage: str) -> dict:
-    """Map a common-schema item to the fields of ``stage``."""
-    if stage == "teacher":
-        return {"image": item["image"], "caption_sem": item["caption_sem"] or item["caption"], "labels": item["labels"]}
-    if stage == "tokenizer":
-        return {"image": item["image"], "labels": item["labels"], "index": item["index"]}
-    if stage == "checker":
-        return {"image": item["image"], "labels": item["labels"]}
-    if stage == "lm":
-        return {"text": item_text(item)}
-    if stage == "understanding":
-        conv = item["conversations"]
-        q = next((i for i, t in enumerate(conv) if t["from"] == "human"), None)
-        question = _strip_image(conv[q]["value"]) if q is not None else ""
-        answer = next((t["value"] for t in conv[(q or 0) + 1:] if t["from"] == "gpt"), "") if q is not None else ""
-        return {"image": item["image"], "conversations": conv, "question": question, "answer": answer}
-    if stage == "generation":
-        return {"image": item["image"], "caption": item["caption"]}
-    raise ValueError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
-
-
-def item_text(item: dict) -> str:
-    """Caption, semantic caption and QA / conversation text of an item, one per line."""
-    lines = [item["caption"], item["caption_sem"]]
-    lines += [f"{q['question']} {q['answer']}" for q in item["qa"]]
-    if not item["qa"]:
-        lines += [_strip_image(t["value"]) for t in item["conversations"]]
-    return "\n".join(x for x in lines if x)
+    """Map a common-schema item to the fields of ``stage`` (its registry entry's batch view)."""
+    return _spec(stage).view_fn()(item)
 
 
 class StageView(Dataset):
@@ -67,15 +33,18 @@ class StageView(Dataset):
     def __init__(self, base: Dataset, stage: str, indices: Optional[Sequence[int]] = None) -> None:
         self.base, self.stage = base, stage
         self.indices = list(indices) if indices is not None else None
+        self.view = _spec(stage).view_fn()
+        # text-only stages skip the image decode where the dataset can give an item's text alone
+        self.text_only = _spec(stage).text_only and hasattr(base, "text")
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict:
         j = self.indices[i] if self.indices is not None else i
-        if self.stage == "lm" and hasattr(self.base, "text"):
-            return {"text": self.base.text(j)}  # no image decode
-        return stage_fields(self.base[j], self.stage)
+        if self.text_only:
+            return {"text": self.base.text(j)}
+        return self.view(self.base[j])
 
 
 class IterableStageView(IterableDataset):
@@ -85,10 +54,11 @@ class IterableStageView(IterableDataset):
         self.base, self.stage = base, stage
 
     def __iter__(self) -> Iterator[dict]:
-        want = _TASK_OF_STAGE.get(self.stage)
+        spec = _spec(self.stage)
+        view = spec.view_fn()
         for item in self.base:
-            if want is None or item["task"] in (want, ""):
-                yield stage_fields(item, self.stage)
+            if not spec.task or item["task"] in (spec.task, ""):
+                yield view(item)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -144,17 +114,19 @@ class ResumableLoader(DataLoader):
 
 
 class EvoTokDataModule(L.LightningDataModule):
-    """Train / val / test loaders of ``cfg.data.source`` shaped for ``stage`` (see STAGE_KEYS).
+    """Train / val / test loaders of ``cfg.data.source`` shaped for ``stage``: the registry entry's batch view
+    and collate (evotok/stages.py), or ``collate_fn`` when the stage's module makes its own (tokenisation,
+    padding and label masks for the language-model stages).
 
     The train order depends only on (data.seed, epoch) and the train loader resumes mid-epoch
     (EpochShuffle, ResumableLoader); under DDP Lightning swaps in its DistributedSampler. EvoShapes caches
     are built in prepare_data (once per node)."""
 
-    def __init__(self, cfg: Any, stage: str) -> None:
+    def __init__(self, cfg: Any, stage: str, collate_fn: Optional[Callable[[list], Any]] = None) -> None:
         super().__init__()
-        if stage not in STAGE_KEYS:
-            raise ValueError(f"unknown stage '{stage}'; valid stages: {', '.join(STAGES)}")
+        spec = _spec(stage)  # an unknown stage fails here, naming the stages
         self.cfg, self.stage = cfg, stage
+        self.collate_fn = collate_fn or spec.collate_fn()
         self._datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ datasets
@@ -182,9 +154,9 @@ class EvoTokDataModule(L.LightningDataModule):
     def _stage_view(self, base: Dataset) -> Dataset:
         if isinstance(base, IterableDataset):
             return IterableStageView(base, self.stage)
-        want = _TASK_OF_STAGE.get(self.stage)
+        want = _spec(self.stage).task
         tasks = getattr(base, "tasks", None)
-        if want is not None and tasks is not None:
+        if want and tasks is not None:
             idx = [i for i, t in enumerate(tasks) if t in (want, "")]
             if not idx:
                 raise DataError(f"stage '{self.stage}': source '{self.cfg.data.source}' (data.root = "
@@ -215,7 +187,7 @@ class EvoTokDataModule(L.LightningDataModule):
         """Workers, collate and pinning: the same for every loader."""
         d = self.cfg.data
         kwargs: dict[str, Any] = {
-            "num_workers": int(d.num_workers), "collate_fn": collate, "pin_memory": torch.cuda.is_available(),
+            "num_workers": int(d.num_workers), "collate_fn": self.collate_fn, "pin_memory": torch.cuda.is_available(),
         }
         if d.num_workers > 0:
             kwargs.update(persistent_workers=True, worker_init_fn=seed_worker, prefetch_factor=2)

@@ -52,8 +52,9 @@ def split_of(key: str, data_cfg: Any) -> str:
 
 
 def _check_split(split: str, source: str) -> None:
-    if split not in ("train", "val", "test"):
-        raise DataError(f"source '{source}' has splits train, val, test; got '{split}' (only evoshapes has 'heldout')")
+    allowed = ("train", "val", "test", "all") if source == "folder" else ("train", "val", "test")
+    if split not in allowed:
+        raise DataError(f"source '{source}' has splits {', '.join(allowed)}; got '{split}' (only evoshapes has 'heldout')")
 
 
 # ----------------------------------------------------------------------------------- image decoding
@@ -219,6 +220,16 @@ class _ImageFileDataset(Dataset):
             return j, image_to_tensor(img, self.resolution, _aug_rng(self) if self.augment else None)
         raise DataError(f"source '{self.source}': no file of split '{self.split}' could be decoded")
 
+    def image_or_none(self, i: int) -> Optional[torch.Tensor]:
+        """The image of file ``i`` itself (never a substitute), or None when it fails to decode (counted in
+        ``bad_files``; under data.on_bad_file=error, DataError naming the file)."""
+        try:
+            img = open_rgb(self.paths[i])
+        except _PIL_ERRORS as e:
+            self.bad_files.add(str(self.paths[i]), f"{type(e).__name__}: {e}")
+            return None
+        return image_to_tensor(img, self.resolution, None)
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -233,7 +244,8 @@ def _root(data_cfg: Any, source: str) -> Path:
 
 
 class ImageFolder(_ImageFileDataset):
-    """Recursive image folder (jpg/jpeg/png/webp, any case); a sibling ``<stem>.txt`` is the caption."""
+    """Recursive image folder (jpg/jpeg/png/webp, any case); a sibling ``<stem>.txt`` is the caption. Split
+    ``all`` holds every file (encoding a whole folder)."""
 
     source = "folder"
 
@@ -246,7 +258,7 @@ class ImageFolder(_ImageFileDataset):
         if not files:
             raise DataError(f"config key 'data.root': no images ({', '.join(IMAGE_EXTS)}) under '{root}'")
         rel = [p.relative_to(root).as_posix() for p in files]
-        mine = [i for i, r in enumerate(rel) if split_of(r, data_cfg) == split]
+        mine = [i for i, r in enumerate(rel) if split == "all" or split_of(r, data_cfg) == split]
         keep = self._validate([files[i] for i in mine], [str(files[i]) for i in mine])
         self.root = root
         self.paths = [files[mine[i]] for i in keep]

@@ -1,8 +1,9 @@
 """Evaluation: reconstruction metrics (rFID, PSNR, SSIM), CLIPSIM, codebook usage / perplexity.
 
 ``evaluate_recon(run_or_ckpt, split, max_images, data_overrides, out)`` scores a tokenizer run per
-depth and writes its metrics.json; ``evotok.eval.metrics`` holds the metric functions. Imports are
-lazy so that ``import evotok.eval`` stays cheap (torchmetrics loads on first use).
+depth and writes its metrics.json; ``evotok.eval.metrics`` holds the metric functions, and
+``evotok.models.codestats`` the code-usage ones it shares with the quantizer. Imports are lazy so that
+``import evotok.eval`` stays cheap (torchmetrics loads on first use).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ _LAZY = {
     "TeacherPooled": "evotok.eval.metrics",
     "InceptionPool": "evotok.eval.metrics",
     "CodeHistogram": "evotok.eval.metrics",
+    "code_counts": "evotok.models.codestats",
+    "usage_from_counts": "evotok.models.codestats",
+    "perplexity_from_counts": "evotok.models.codestats",
+    "usage_perplexity": "evotok.models.codestats",
 }
 
 

@@ -4,6 +4,9 @@ For every depth l = 1..L the cumulative latent z_l goes through the pixel decode
 decoder, and the split is scored with rFID, PSNR, SSIM, CLIPSIM_pix, CLIPSIM_sem (DESIGN §1, Fig. 5b);
 the codes give per-depth codebook usage and perplexity. The result goes into the run folder's
 metrics.json (DESIGN §5); names are prefixed ``realphotos/`` when the real-photo set is evaluated.
+The record's ``extractors`` maps every per-depth name written to the feature space it is measured in
+(e.g. rfid on the teacher's pooled embeddings or on Inception-v3 features); metrics.json keeps the
+union over evaluations.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from evotok.config import with_overrides
 from evotok.eval.metrics import (
+    PIXEL_SPACE,
     CodeHistogram,
     FIDPerDepth,
     InceptionPool,
@@ -54,7 +58,8 @@ def metric_prefix(source: str) -> str:
 
 
 def format_table(per_depth: dict[str, list], prefix: str = "") -> str:
-    """A per-depth table, one row per depth, one column per metric."""
+    """A per-depth table, one row per depth, one column per metric; rfid with three significant digits
+    (the embedded rFID falls below 1e-3 from depth 3 on), the others with four decimals."""
     names = [n for n in PER_DEPTH_NAMES if prefix + n in per_depth]
     L = len(per_depth[prefix + names[0]]) if names else 0
     head = "depth " + " ".join(f"{n:>11}" for n in names)
@@ -63,9 +68,39 @@ def format_table(per_depth: dict[str, list], prefix: str = "") -> str:
         vals = []
         for n in names:
             v = per_depth[prefix + n][l]
-            vals.append(f"{'nan':>11}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>11.4f}")
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                vals.append(f"{'nan':>11}")
+            else:
+                vals.append(f"{v:>11.3g}" if n == "rfid" else f"{v:>11.4f}")
         rows.append(f"{l + 1:>5} " + " ".join(vals))
     return "\n".join(rows)
+
+
+def metric_extractors(feature_description: str, teacher_arch: str, prefix: str = "") -> dict[str, str]:
+    """``{prefixed per-depth name: the feature space it is measured in}`` for :data:`PER_DEPTH_NAMES`;
+    ``feature_description``: the rFID extractor's ``description``."""
+    arch = teacher_arch or "?"
+    described = {
+        "rfid": f"Fréchet distance of {feature_description}",
+        "psnr": PIXEL_SPACE,
+        "ssim": PIXEL_SPACE,
+        "clipsim_pix": f"cosine of teacher pooled embeddings (open_clip {arch})",
+        "clipsim_sem": f"per-token cosine to teacher penultimate patch tokens (open_clip {arch})",
+        "usage": "code histogram over the split",
+        "perplexity": "code histogram over the split",
+    }
+    return {prefix + n: described[n] for n in PER_DEPTH_NAMES}
+
+
+def _previous_extractors(run_path: Path) -> dict[str, str]:
+    """The ``extractors`` mapping already in the run's metrics.json ({} when there is none):
+    ``write_metrics`` replaces top-level keys, so earlier evaluations' entries are merged in here."""
+    try:
+        old = json.loads((run_path / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    extractors = old.get("extractors") if isinstance(old, dict) else None
+    return dict(extractors) if isinstance(extractors, dict) else {}
 
 
 @torch.no_grad()
@@ -102,7 +137,10 @@ def evaluate_recon(
     cfg = with_overrides(getattr(tok, "config", None) or run.load_config(), data_overrides)
     limit = max_images or cfg.eval.max_images
     inception = InceptionPool(cfg.eval.inception_weights).to(dev) if cfg.eval.fid_features == "inception" else None
-    teacher = load_teacher(cfg).to(dev)  # the tokenizer's own teacher (teacher.* of its config)
+    from evotok.handover import upstream_config
+
+    # the tokenizer's own teacher: found through the run's upstream record, verified by fingerprint
+    teacher = load_teacher(upstream_config(ckpt, cfg, "tokenizer")).to(dev)
     L = int(tok.depth)
     K = int(getattr(tok.quantizer, "codebook_size", 0) or cfg.model.quantizer.codebook_size)
     sem_grid = tuple(int(g) for g in tok.grid)
@@ -141,16 +179,20 @@ def evaluate_recon(
         z_cum = q.z_cum  # (L, B, d, h, w)
         orig = teacher.encode(images)
         real_feats = orig.pooled_BE if isinstance(feature, TeacherPooled) else feature(images)
-        fake_feats = []
+        fake_feats, recs = [], []
         for l in range(L):
             rec = tok.decode_pixels(z_cum[l]).clamp(0, 1)
             rec_pooled = teacher.pooled(rec)
             sem = tok.decode_semantic(z_cum[l])
-            sums["psnr"][l] += psnr(rec, images).double().sum().cpu()
-            sums["ssim"][l] += ssim(rec, images).double().sum().cpu()
+            recs.append(rec)
             sums["clipsim_pix"][l] += clipsim_pix(rec_pooled, orig.pooled_BE).double().sum().cpu()
             sums["clipsim_sem"][l] += clipsim_sem(sem, orig.tokens_BTc, sem_grid, teacher_grid).double().sum().cpu()
             fake_feats.append(rec_pooled if isinstance(feature, TeacherPooled) else feature(rec))
+        # the pixel metrics of all depths in one call each: torchmetrics' SSIM costs mostly per call on a CPU
+        rec_LB = torch.stack(recs).flatten(0, 1)
+        ref_LB = images.expand(L, *images.shape).flatten(0, 1)
+        sums["psnr"] += psnr(rec_LB, ref_LB).double().view(L, -1).sum(1).cpu()
+        sums["ssim"] += ssim(rec_LB, ref_LB).double().view(L, -1).sum(1).cpu()
         fid.update_features(real_feats, fake_feats)
         seen += len(images)
         if bar is not None:
@@ -172,13 +214,17 @@ def evaluate_recon(
         "split": split, "source": cfg.data.source, "num_images": seen, "fid_features": cfg.eval.fid_features,
         "checkpoint": str(ckpt), "lpix": int(tok.lpix), "lsem": int(tok.lsem), "depth": L,
     }
+    extractors = metric_extractors(feature.description, getattr(teacher, "arch", ""), prefix)
+    extractors = {k: v for k, v in extractors.items() if k in per_depth}
     scalars = {f"{prefix}eval_num_images": float(seen)}
     step = _checkpoint_step(ckpt)
     stage = run.path.parent.name or "tokenizer"
     eval_key = f"{prefix}recon_eval"
     if write:
-        write_metrics(run, stage, step, scalars=scalars, per_depth=per_depth, extra={eval_key: info})
-    record = {"stage": stage, "step": step, "scalars": scalars, "per_depth": per_depth, eval_key: info}
+        merged = {**_previous_extractors(run.path), **extractors}
+        write_metrics(run, stage, step, scalars=scalars, per_depth=per_depth, extra={eval_key: info, "extractors": merged})
+    record = {"stage": stage, "step": step, "scalars": scalars, "per_depth": per_depth, eval_key: info,
+              "extractors": extractors}
     if out is not None:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from evotok.config import Config, ConfigError, from_dict, to_dict
-from evotok.lit.train import lr_factor
+from evotok.config import Config, from_dict, to_dict
+from evotok.lit.optim import lr_groups, step_scheduler
 from evotok.models.teacher import (
     Teacher,
     build_clip,
@@ -22,17 +22,6 @@ from evotok.models.teacher import (
 from evotok.runs import RunDir, write_metrics
 
 ZERO_SHOT_FACTORS = ("shape", "count")
-LR_SCHEDULES = ("cosine", "constant")
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of optim.lr at ``step``: linear warm-up, then cosine to 0 at ``total`` or constant."""
-    if warmup > 0 and step < warmup:
-        return lr_factor(step, warmup, used=0.0, cooldown=0.0)
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class TeacherModule(L.LightningModule):
@@ -45,10 +34,6 @@ class TeacherModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()  # {"config": the resolved config dict}: the checkpoint carries it
         self.cfg: Config = from_dict(config)
-        if self.cfg.teacher.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(
-                f"config key 'teacher.lr_schedule' = {self.cfg.teacher.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}"
-            )
         self.teacher = Teacher(build_clip(self.cfg.teacher.arch), arch=self.cfg.teacher.arch)
         self.loss_fn = None  # built in setup(), when rank and world size are known
         self._token_cache: dict[str, torch.Tensor] = {}
@@ -101,14 +86,13 @@ class TeacherModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or "bn" in name or "ln" in name or "embedding" in name or "logit_scale" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [*lr_groups({"teacher": decay}, o, "teacher", weight_decay=o.weight_decay),
+                  *lr_groups({"teacher": no_decay}, o, "teacher", weight_decay=0.0)]
         try:  # the fused kernel is ~1.6x faster per step on CPU (6M-parameter text embedding); same maths
-            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=True)
+            opt = torch.optim.AdamW(groups, betas=tuple(o.betas), fused=True)
         except (RuntimeError, TypeError):
-            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
-        total, warmup, schedule = self.cfg.trainer.max_steps, o.warmup_steps, self.cfg.teacher.lr_schedule
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, total, schedule))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+            opt = torch.optim.AdamW(groups, betas=tuple(o.betas))
+        return {"optimizer": opt, "lr_scheduler": step_scheduler(opt, o, self.cfg.trainer.max_steps)}
 
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -156,5 +140,14 @@ class TeacherModule(L.LightningModule):
         return scalars
 
 
-def build(cfg: Config) -> TeacherModule:
-    return TeacherModule(to_dict(cfg))
+def build(cfg: Config, upstream: dict) -> TeacherModule:
+    return TeacherModule(to_dict(cfg, "teacher"))
+
+
+def describe(cfg: Config) -> str:
+    """For ``--dry-run``: the teacher's parameter counts, built on the meta device."""
+    clip = build_clip(cfg.teacher.arch, device="meta")
+    vis = sum(p.numel() for p in clip.visual.parameters())
+    total = sum(p.numel() for p in clip.parameters())
+    return (f"# teacher {cfg.teacher.arch!r} (open_clip): {total / 1e6:.2f} M parameters, image tower "
+            f"{vis / 1e6:.2f} M; trained {cfg.trainer.max_steps} steps, optim.schedule={cfg.optim.schedule}")

@@ -1,13 +1,16 @@
 """LightningModule for the tokenizer stage: wires the EvoTok model, the frozen teacher, the losses and a
 PatchGAN discriminator. The nn.Modules compute; this file only adds optimisation, logging and checkpoints.
 
-Step semantics: manual optimisation with two optimisers. Only the generator's ``optimizer.step()``
-advances ``trainer.global_step``; the discriminator optimiser steps (only while the GAN is active,
-``step >= loss.gan_start`` and ``loss.gan_weight > 0``) without counting. So ``trainer.max_steps``,
-``loss.gan_start``, ``model.quantizer.ema_warmup`` and every logging cadence count generator steps
-(= batches when ``trainer.accumulate`` is 1). Gradient accumulation over ``accumulate_steps(cfg)``
-batches is done here (Lightning refuses it for manual optimisation): pass ``accumulate_grad_batches=1``
-to the Trainer for this module (``module.handles_accumulation`` is True).
+Step semantics: manual optimisation with two optimisers. Only the generator's ``optimizer.step()`` (Lightning's
+optimizer wrapper) advances ``trainer.global_step``; the discriminator steps (only while the GAN is active,
+``step >= loss.gan_start`` and ``loss.gan_weight > 0``) through the strategy's public ``optimizer_step`` (the
+same precision plugin and strategy path, without the manual loop's step count). So ``trainer.max_steps``,
+``loss.gan_start``, ``model.quantizer.ema_warmup``, the learning-rate schedule and every logging cadence count
+generator steps (= batches when ``trainer.accumulate`` is 1). Gradient accumulation over
+``accumulate_steps(cfg)`` batches is done here (Lightning refuses it for manual optimisation): the Trainer gets
+``accumulate_grad_batches=1`` for this module (``module.handles_accumulation`` is True).
+
+Parameter groups (``optim.group_lr``): encoder, pixel_decoder, semantic_decoder (generator optimiser) and disc.
 
 Frozen modules (the teacher, LPIPS) are not written into checkpoints; they are rebuilt from the config.
 """
@@ -20,16 +23,14 @@ import lightning as L
 import torch
 
 from evotok.config import Config, accumulate_steps, from_dict, to_dict
-from evotok.lit.train import budget_used, lr_factor
+from evotok.lit.optim import apply_lr, lr_groups, lr_multiplier
+from evotok.eval.metrics import psnr
+from evotok.models.codestats import code_counts, usage_perplexity
 from evotok.models.discriminator import PatchDiscriminator
 from evotok.models.losses import TokenizerLoss, hinge_d_loss, token_cosine
 from evotok.models.tokenizer import build_tokenizer
 
 FROZEN_PREFIXES = ("teacher.", "loss.lpips.")
-
-
-def _noop() -> None:
-    return None
 
 
 def log_depths(depth: int) -> list[int]:
@@ -67,7 +68,7 @@ class TokenizerModule(L.LightningModule):
                 f"the teacher of this config has width {width} and grid {grid}, the checkpoint was trained with "
                 f"{teacher_width} and {tuple(teacher_grid or ())}: check teacher.arch / teacher.run / teacher.weights"
             )
-        self.save_hyperparameters({"config": to_dict(cfg), "teacher_width": width, "teacher_grid": list(grid)})
+        self.save_hyperparameters({"config": to_dict(cfg, "tokenizer"), "teacher_width": width, "teacher_grid": list(grid)})
         self.model = build_tokenizer(cfg, width, grid)
         self.loss = TokenizerLoss(cfg.loss)
         self.disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
@@ -79,36 +80,37 @@ class TokenizerModule(L.LightningModule):
         self._val: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------- optimisers
+    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Named parameter groups (``optim.group_lr`` keys); the discriminator's is ``disc``."""
+        m = self.model
+        named = {"encoder": list(m.encoder.parameters()), "pixel_decoder": list(m.pixel_decoder.parameters()),
+                 "semantic_decoder": list(m.semantic_decoder.parameters())}
+        covered = {id(p) for ps in named.values() for p in ps}
+        rest = [p for p in m.parameters() if id(p) not in covered]
+        if rest:
+            named["quantizer"] = rest
+        return {**named, "disc": list(self.disc.parameters())}
+
     def configure_optimizers(self):
         o = self.cfg.optim
-        gen = [p for p in self.model.parameters() if p.requires_grad]
+        groups = lr_groups(self.param_groups(), o, "tokenizer")
         betas = (float(o.betas[0]), float(o.betas[1]))
-        opt_g = torch.optim.Adam(gen, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
-        opt_d = torch.optim.Adam(self.disc.parameters(), lr=o.disc_lr, betas=betas, weight_decay=o.weight_decay)
+        opt_g = torch.optim.Adam([g for g in groups if g["name"] != "disc"], betas=betas, weight_decay=o.weight_decay)
+        opt_d = torch.optim.Adam([g for g in groups if g["name"] == "disc"], betas=betas, weight_decay=o.weight_decay)
         return [opt_g, opt_d]
 
-    def _set_lr(self, opt, base_lr: float, step: int) -> None:
-        o = self.cfg.optim
-        used = budget_used(self.trainer) if o.cooldown > 0 else 0.0
-        lr = base_lr * lr_factor(step, o.warmup_steps, used, o.cooldown)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def _set_lr(self, opt, step: int) -> None:
+        apply_lr(opt, lr_multiplier(step, self.trainer.max_steps, self.cfg.optim))
 
     def _clip(self, opt) -> None:
         if self.cfg.optim.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
 
-    @staticmethod
-    def _step_uncounted(opt) -> None:
-        """optimizer.step() through Lightning's wrapper (precision plugin, strategy) without advancing
-        trainer.global_step: the manual loop counts a step in the wrapper's _on_before/_on_after_step hooks,
-        which it re-installs before every training_step."""
-        before, after = opt._on_before_step, opt._on_after_step
-        opt._on_before_step, opt._on_after_step = _noop, _noop
-        try:
-            opt.step()
-        finally:
-            opt._on_before_step, opt._on_after_step = before, after
+    def _step_uncounted(self, opt) -> None:
+        """The discriminator's step: ``Strategy.optimizer_step`` (public API) on the wrapped torch optimizer
+        runs the same precision-plugin and strategy path as ``LightningOptimizer.step()``, without the manual
+        loop's step count, so ``trainer.global_step`` counts generator steps only."""
+        self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None, model=self)
 
     # ------------------------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -182,7 +184,7 @@ class TokenizerModule(L.LightningModule):
             opt_g.zero_grad(set_to_none=True)
         self.manual_backward(terms.total / self.accumulate)
         if last:
-            self._set_lr(opt_g, self.cfg.optim.lr, step)
+            self._set_lr(opt_g, step)
             self._clip(opt_g)
             opt_g.step()
 
@@ -194,7 +196,7 @@ class TokenizerModule(L.LightningModule):
                 opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss / self.accumulate)
             if last:
-                self._set_lr(opt_d, self.cfg.optim.disc_lr, step)
+                self._set_lr(opt_d, step)
                 self._clip(opt_d)
                 self._step_uncounted(opt_d)
 
@@ -257,25 +259,20 @@ class TokenizerModule(L.LightningModule):
         recon = m.pixel_decoder(q.z_cum[m.lpix - 1]).float().clamp(0, 1)
         mse = (recon - images.float()).pow(2).flatten(1).mean(1)
         v["mse"] += mse.sum().double()
-        v["psnr"] += (-10.0 * torch.log10(mse.clamp_min(1e-10))).sum().double()
+        v["psnr"] += psnr(recon, images.float()).sum().double()
         target = m.semantic_target(self.teacher.image_features(images)).float()
         sem_L, sem_1 = m.semantic_decoder(q.z_cum[m.lsem - 1]), m.semantic_decoder(q.z_cum[0])
         v["cos_sem"] += token_cosine(sem_L, target).sum().double()
         v["cos_sem_d1"] += token_cosine(sem_1, target).sum().double()
         v["n"] += images.shape[0]
-        L_, K = m.depth, self.cfg.model.quantizer.codebook_size
-        flat = (q.codes.reshape(-1, L_) + torch.arange(L_, device=q.codes.device) * K).reshape(-1)
-        v["counts"].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        v["counts"] += code_counts(q.codes, m.depth, self.cfg.model.quantizer.codebook_size).flatten()
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
         red = {k: self.trainer.strategy.reduce(t, reduce_op="sum") for k, t in self._val.items()}
         n = red["n"].clamp_min(1)
-        counts = red["counts"].view(self.model.depth, -1)
-        usage = (counts > 0).double().mean(1)
-        p = counts / counts.sum(1, keepdim=True).clamp_min(1)
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum(1))
+        usage, perplexity = usage_perplexity(red["counts"].view(self.model.depth, -1))
         logs = {
             "val/psnr": red["psnr"] / n,
             "val/mse": red["mse"] / n,
@@ -321,9 +318,13 @@ class TokenizerModule(L.LightningModule):
         )
 
 
-def build(cfg: Config) -> TokenizerModule:
-    """The tokenizer stage's LightningModule (called by evotok.lit.train.train)."""
-    return TokenizerModule(cfg)
+def build(cfg: Config, upstream: dict) -> TokenizerModule:
+    """The tokenizer stage's LightningModule (called by evotok.lit.train.train); its teacher comes from the
+    resolved upstream (``teacher.run`` / ``teacher.weights``), or ``teacher.random_init``."""
+    from evotok.handover import with_upstreams
+    from evotok.models.teacher import load_teacher
+
+    return TokenizerModule(cfg, teacher=load_teacher(with_upstreams(cfg, upstream)))
 
 
 def describe(cfg: Config) -> str:

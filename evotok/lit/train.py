@@ -1,25 +1,24 @@
-"""Training entry point shared by every stage: run folder, trainer, callbacks, resume.
+"""Training entry point shared by every stage: upstream hand-over, run folder, trainer, loggers, resume.
 
-A stage plugs in by providing ``build(cfg) -> LightningModule`` in the module named in ``STAGE_BUILDERS``.
-The LightningModule sets ``monitor`` (a logged validation metric) and ``monitor_mode`` ("min"/"max").
+A stage plugs in through its registry entry (evotok/stages.py): its module provides ``build(cfg, upstream)
+-> LightningModule``. The LightningModule may set ``monitor`` / ``monitor_mode`` (the validation metric that
+picks best.ckpt), ``extra_callbacks()``, ``handles_accumulation`` (it accumulates gradients itself) and
+``on_run_finished(run, trainer)``.
+
+Order, so that a failure leaves nothing behind: resolve and fingerprint the upstream runs, check the run
+folder (finished? resumable with the same model and upstreams?), build the module (this loads the upstream
+models), then create the run folder and train.
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from evotok.config import STAGES, Config, accumulate_steps
-from evotok.runs import RunDir, create_run, write_metrics
-
-STAGE_BUILDERS: dict[str, str] = {
-    "teacher": "evotok.lit.teacher_module",
-    "tokenizer": "evotok.lit.tokenizer_module",
-}
-
+from evotok.config import Config, accumulate_steps
+from evotok.runs import RunDir, create_run, prepare_run, write_metrics
 
 # Lightning warnings that describe what the suite does on purpose: frozen teachers sit in eval mode, and
 # last.ckpt holds the post-step state of manually optimised modules.
@@ -27,28 +26,7 @@ EXPECTED_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     r"Using ModelCheckpoint with manual optimization",
 )
-
-
-class StageNotBuilt(NotImplementedError):
-    """The stage exists in the design but has no implementation yet."""
-
-
-def stage_builder(stage: str):
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage '{stage}'; stages: {', '.join(STAGES)}")
-    name = STAGE_BUILDERS.get(stage)
-    if name is None:
-        raise StageNotBuilt(
-            f"stage '{stage}' is not built yet in this version of the suite; built stages: "
-            f"{', '.join(STAGE_BUILDERS)}"
-        )
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            raise StageNotBuilt(f"stage '{stage}' is not built yet ({name} is missing)") from None
-        raise
-    return module.build
+CHECKPOINT_FORMAT = 2  # checkpoint["evotok"]["format"]: 2 = with upstream records
 
 
 def setup_process(cfg: Config) -> None:
@@ -60,89 +38,54 @@ def setup_process(cfg: Config) -> None:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
 
-def build_trainer(
-    cfg: Config, run: RunDir, monitor: Optional[str], monitor_mode: str = "min", extra_callbacks=(),
-    handles_accumulation: bool = False,
-):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import TensorBoardLogger
+def make_loggers(cfg: Config, run: RunDir) -> list[Any]:
+    """``trainer.loggers``, through Lightning's own logger classes: TensorBoard in ``tb/``, CSV in ``csv/``,
+    W&B in offline mode in ``wandb/`` (needs the wandb package; nothing is uploaded)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    t = cfg.trainer
-    callbacks: list[Any] = [
-        # last.ckpt every ckpt_every_n_steps (and at the end): a killed run resumes from it.
-        ModelCheckpoint(
-            dirpath=run.checkpoints, save_last=True, save_top_k=0, every_n_train_steps=max(1, t.ckpt_every_n_steps),
-            enable_version_counter=False,
-        ),
-        MetricsJsonCallback(run, stage=run.path.parent.name),
-        *extra_callbacks,
-    ]
-    if monitor:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=run.checkpoints, filename="best", monitor=monitor, mode=monitor_mode, save_top_k=1,
-                save_last=False, enable_version_counter=False, auto_insert_metric_name=False,
-            )
-        )
-    if t.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    logger = TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
-    val_every = max(1, min(t.val_every_n_steps, t.max_steps))
-    return L.Trainer(
-        default_root_dir=str(run.path),
-        max_steps=t.max_steps,
-        max_time=timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        # manual-optimisation modules (the tokenizer's G/D pair) accumulate themselves
-        accumulate_grad_batches=1 if handles_accumulation else accumulate_steps(cfg),
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        callbacks=callbacks,
-        logger=logger,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    from evotok.config import ConfigError
+
+    out: list[Any] = []
+    for name in cfg.trainer.loggers:
+        if name == "tensorboard":
+            out.append(TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False))
+        elif name == "csv":
+            out.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
+        elif name == "wandb":
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "config key 'trainer.loggers' lists wandb, but the wandb package is not installed "
+                    "(pip install -c constraints.txt wandb)"
+                ) from None
+            from lightning.pytorch.loggers import WandbLogger
+
+            out.append(WandbLogger(save_dir=str(run.path), name=f"{run.path.parent.name}/{run.path.name}",
+                                   offline=True, project="evotok"))
+    return out
 
 
-def budget_used(trainer) -> float:
-    """Fraction of the run's budget spent, in [0, 1]: the larger of global_step / max_steps and (when the
-    trainer has a ``max_time``) training time / max_time. Lightning's Timer keeps its elapsed time in the
-    checkpoint, so a resumed run continues the same schedule."""
-    from lightning.pytorch.callbacks import Timer
-
-    used = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0.0
-    for cb in trainer.callbacks:
-        remaining = cb.time_remaining() if isinstance(cb, Timer) else None
-        if remaining is not None:
-            elapsed = cb.time_elapsed()
-            used = max(used, elapsed / max(elapsed + remaining, 1e-9))
-    return min(1.0, max(0.0, used))
-
-
-def lr_factor(step: int, warmup_steps: int, used: float, cooldown: float) -> float:
-    """Warm-up, stable, decay: linear warm-up over ``warmup_steps``, then 1, then linear to 0 over the last
-    ``cooldown`` fraction of the budget (``used`` is the fraction spent, from ``budget_used``)."""
-    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    if cooldown > 0:
-        factor *= min(1.0, max(0.0, (1.0 - used) / cooldown))
-    return factor
-
-
-def _metrics_callback_base():
+def _callback_base():
     from lightning.pytorch.callbacks import Callback
 
     return Callback
 
 
-class MetricsJsonCallback(_metrics_callback_base()):  # type: ignore[misc]
+class RunRecordCallback(_callback_base()):  # type: ignore[misc]
+    """Writes the run's identity into every checkpoint: ``checkpoint["evotok"] = {format, stage, upstream}``
+    (the upstream records of evotok.handover), so a checkpoint moved away from its run folder still knows
+    exactly which upstream runs it was trained from."""
+
+    def __init__(self, stage: str, upstream_records: dict[str, dict[str, str]]):
+        super().__init__()
+        self.meta = {"format": CHECKPOINT_FORMAT, "stage": stage, "upstream": upstream_records}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["evotok"] = dict(self.meta)
+
+
+class MetricsJsonCallback(_callback_base()):  # type: ignore[misc]
     """Mirror the latest logged scalars into metrics.json after every validation and at the end: Lightning's
     ``callback_metrics`` plus the module's ``logged_scalars`` (a dict of what it wrote to the loggers itself)."""
 
@@ -169,21 +112,83 @@ class MetricsJsonCallback(_metrics_callback_base()):  # type: ignore[misc]
         self._write(trainer, pl_module)
 
 
+def build_trainer(
+    cfg: Config, run: RunDir, module: Any, stage: str, upstream_records: Optional[dict] = None,
+):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    t = cfg.trainer
+    monitor = getattr(module, "monitor", None)
+    callbacks: list[Any] = [
+        # last.ckpt every ckpt_every_n_steps (and at the end): a killed run resumes from it.
+        ModelCheckpoint(
+            dirpath=run.checkpoints, save_last=True, save_top_k=0, every_n_train_steps=max(1, t.ckpt_every_n_steps),
+            enable_version_counter=False,
+        ),
+        MetricsJsonCallback(run, stage=stage),
+        RunRecordCallback(stage, upstream_records or {}),
+        *getattr(module, "extra_callbacks", lambda: ())(),
+    ]
+    if monitor:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run.checkpoints, filename="best", monitor=monitor, mode=getattr(module, "monitor_mode", "min"),
+                save_top_k=1, save_last=False, enable_version_counter=False, auto_insert_metric_name=False,
+            )
+        )
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    val_every = max(1, min(t.val_every_n_steps, t.max_steps)) if t.max_steps > 0 else t.val_every_n_steps
+    return L.Trainer(
+        default_root_dir=str(run.path),
+        max_steps=t.max_steps,
+        max_time=timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        # manual-optimisation modules (the tokenizer's G/D pair) accumulate themselves
+        accumulate_grad_batches=1 if getattr(module, "handles_accumulation", False) else accumulate_steps(cfg),
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks,
+        logger=make_loggers(cfg, run),
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def make_datamodule(cfg: Config, stage: str, module: Any):
+    """The one DataModule, seen through ``stage``'s view; its collate from the stage module's
+    ``make_collate(cfg, module)`` when it has one (language-model stages tokenise with the module's tokenizer)."""
+    from evotok.data.datamodule import EvoTokDataModule
+    from evotok.stages import get_stage
+
+    lit = get_stage(stage).lit_module()
+    make = getattr(lit, "make_collate", None)
+    return EvoTokDataModule(cfg, stage=stage, collate_fn=make(cfg, module) if make is not None else None)
+
+
 def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamodule=None) -> RunDir:
     """Train ``stage`` with ``cfg``; resume from checkpoints/last.ckpt when the run folder has one."""
-    build = stage_builder(stage)
-    run = create_run(cfg, stage, argv)
-    setup_process(cfg)
-    module = build(cfg)
-    if datamodule is None:
-        from evotok.data.datamodule import EvoTokDataModule
+    from evotok.handover import records
+    from evotok.stages import get_stage
 
-        datamodule = EvoTokDataModule(cfg, stage=stage)
-    trainer = build_trainer(
-        cfg, run, getattr(module, "monitor", None), getattr(module, "monitor_mode", "min"),
-        extra_callbacks=getattr(module, "extra_callbacks", lambda: ())(),
-        handles_accumulation=getattr(module, "handles_accumulation", False),
-    )
+    entry = get_stage(stage)
+    lit = entry.lit_module()  # StageNotBuilt for stages without an implementation
+    run, upstream = prepare_run(cfg, stage)
+    setup_process(cfg)
+    module = lit.build(cfg, upstream)
+    if datamodule is None:
+        datamodule = make_datamodule(cfg, stage, module)
+    run = create_run(cfg, stage, argv, upstream)
+    recs = records(upstream, run.path)
+    trainer = build_trainer(cfg, run, module, stage, recs)
     ckpt = run.last_ckpt if run.last_ckpt.is_file() else None
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming {stage} run from {ckpt}")
@@ -195,6 +200,11 @@ def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamod
         finish = getattr(module, "on_run_finished", None)
         if finish is not None:
             finish(run, trainer)
+        if 0 < trainer.global_step < cfg.trainer.max_steps and not trainer.interrupted:
+            note = (f"stopped by the trainer.max_minutes={cfg.trainer.max_minutes} safety stop at step "
+                    f"{trainer.global_step} of trainer.max_steps={cfg.trainer.max_steps}: the schedule did not finish")
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+            write_metrics(run, stage, trainer.global_step, extra={"stopped_early": note})
         if not trainer.interrupted:
             run.mark_finished()
         print(f"{stage} run folder: {Path(run.path).resolve()}")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evotok.config import QuantizerConfig
+from evotok.models.codestats import code_counts, perplexity_from_counts, usage_from_counts
 from evotok.ops import IMPLS, rvq_assign
 from evotok.ops.rvq import group_sums
 
@@ -158,11 +159,9 @@ class ResidualQuantizer(nn.Module):
                 counts_LK = self._ema_update(xf, zq_LNd, flat_idx)
                 self.step.add_(1)
             else:
-                counts_LK = torch.bincount(flat_idx, minlength=L * K).view(L, K).float()
-            n = max(codes_NL.shape[0], 1)
-            p_LK = counts_LK / n
-            usage_L = (counts_LK > 0).float().mean(dim=1)
-            perplexity_L = torch.exp(-(p_LK * torch.log(p_LK.clamp_min(1e-30))).sum(dim=1))
+                counts_LK = code_counts(codes_NL, L, K)
+            usage_L = usage_from_counts(counts_LK).float()
+            perplexity_L = perplexity_from_counts(counts_LK).float()
         zq_LNd = zq_LNd.to(x_Nd.dtype)
         commit_loss = F.mse_loss(x_Nd[None].expand_as(zq_LNd), zq_LNd)  # = mean over depths of the means
         # value exactly zq_l (so decode_codes rebuilds it bit for bit), gradient the identity to x

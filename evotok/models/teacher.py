@@ -84,8 +84,9 @@ def register_open_clip_configs() -> None:
         open_clip.add_model_config(path)
 
 
-def build_clip(arch: str) -> nn.Module:
-    """A randomly initialised open_clip model of ``arch`` (no download: pretrained weights are never requested)."""
+def build_clip(arch: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A randomly initialised open_clip model of ``arch`` (no download: pretrained weights are never requested);
+    ``device="meta"`` builds it without allocating (for sizes)."""
     import open_clip
 
     register_open_clip_configs()
@@ -102,9 +103,10 @@ def build_clip(arch: str) -> nn.Module:
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns "no pretrained weights loaded": we load them ourselves
     try:
-        return open_clip.create_model(
-            arch, pretrained=None, pretrained_image=False, pretrained_text=False, load_weights=False
-        )
+        with torch.device(device):
+            return open_clip.create_model(
+                arch, pretrained=None, pretrained_image=False, pretrained_text=False, load_weights=False, device=device
+            )
     finally:
         root.setLevel(level)
 
@@ -316,13 +318,15 @@ def teacher_from_weights(arch: str, weights: str | Path) -> Teacher:
 
 def teacher_from_run(run_or_ckpt: str | Path) -> Teacher:
     """The teacher trained in a teacher run folder (best.ckpt, else last.ckpt) or from a teacher .ckpt."""
-    from evotok.runs import RunError, resolve_run
+    from evotok.runs import RunError, load_checkpoint_file, resolve_run
 
     try:
         run, ckpt = resolve_run(run_or_ckpt)
     except RunError as e:
         raise TeacherError(f"teacher.run: {e}; {HOW_TO_GET_A_TEACHER}") from None
-    obj = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+    obj = load_checkpoint_file(ckpt)
+    if "state_dict" not in obj:
+        raise TeacherError(f"teacher.run: {ckpt} is not a teacher checkpoint (no state_dict)")
     arch = None
     hp = obj.get("hyper_parameters", {}) or {}
     if isinstance(hp.get("config"), dict):
