@@ -1,0 +1,154 @@
+"""Depth transformer of the generation stage (RQ-Transformer style, DESIGN.md §1 "Generation").
+
+For one image position it predicts the position's D = Lpix codes one after another. Its input at depth k
+(0-based) is
+
+    x_k = ctx_proj(h) + code_proj(z_k) + depth_emb[k],    z_k = q_0 + ... + q_{k-1}  (z_0 = 0)
+
+with h the LM's hidden state at that position and q_j the tokenizer's code vector chosen at depth j. A
+causal transformer over the D depths and one classifier per depth (K classes) give logits_k, which
+depend only on the codes of depths < k.
+
+Code embeddings are *tied to the tokenizer's codebooks*: the frozen (D, K, d) codebooks are a buffer and
+one Linear(d -> width) embeds the cumulative code vector z_k. This is what the reference code does (it
+embeds the tokenizer's code vectors and takes their cumulative sum); z_k is exactly the tokenizer's
+partial reconstruction at depth k, the trajectory the method is about; and it costs d * width parameters
+instead of D * K * width for learned tables (16 x 32768 x width at paper scale). Because the projection
+is linear, it equals a learned per-depth table E_k[c] = W q_k[c] constrained to the codebook geometry.
+
+Symbols: N rows (positions), D depths, K codes per depth, d code dimension, C context (LM hidden) width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from evotok.errors import UserError
+
+
+class GenerationConfigError(UserError, ValueError):
+    """A bad size in a generation-stage model config; the message names the field."""
+
+
+def _check_positive(owner: str, **fields: int) -> None:
+    for name, value in fields.items():
+        if value < 1:
+            raise GenerationConfigError(f"{owner}.{name} must be >= 1, got {value}")
+
+
+def check_dropout(owner: str, name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise GenerationConfigError(f"{owner}.{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class DepthTransformerConfig:
+    context_dim: int  # C: hidden size of the LM whose state the head reads
+    depth: int  # D = Lpix code depths per position
+    codebook_size: int  # K
+    code_dim: int  # d
+    width: int = 256
+    layers: int = 6  # the paper's depth transformer has 6 layers
+    heads: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "DepthTransformerConfig", context_dim=self.context_dim, depth=self.depth,
+            codebook_size=self.codebook_size, code_dim=self.code_dim, width=self.width,
+            layers=self.layers, heads=self.heads,
+        )
+        if self.width % self.heads:
+            raise GenerationConfigError(
+                f"DepthTransformerConfig.width={self.width} is not a multiple of heads={self.heads}"
+            )
+        check_dropout("DepthTransformerConfig", "dropout", self.dropout)
+
+
+def cumulative_code_vectors(codebooks_DKd: Tensor, codes_ND: Tensor) -> Tensor:
+    """codes (..., k) with k <= D -> z (..., k, d): z[..., j, :] = sum of the code vectors of depths 0..j."""
+    k = codes_ND.shape[-1]
+    depth_ids = torch.arange(k, device=codes_ND.device)
+    return codebooks_DKd[depth_ids, codes_ND].cumsum(dim=-2)
+
+
+class _Block(nn.Module):
+    """Pre-LN causal self-attention + GELU MLP over the depth axis."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x_NSC: Tensor) -> Tensor:
+        N, S, C = x_NSC.shape
+        q, k, v = self.qkv(self.ln1(x_NSC)).view(N, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x_NSC = x_NSC + self.drop(self.proj(a.transpose(1, 2).reshape(N, S, C)))
+        return x_NSC + self.drop(self.mlp(self.ln2(x_NSC)))
+
+
+class DepthTransformer(nn.Module):
+    """Causal transformer over the D code depths of one position; see the module docstring.
+
+    ``codebooks_DKd``: the frozen tokenizer codebooks of the first D depths, kept as a (persistent) buffer
+    so that a checkpoint carries the code geometry the head was trained with.
+    """
+
+    def __init__(self, config: DepthTransformerConfig, codebooks_DKd: Tensor):
+        super().__init__()
+        c = config
+        if tuple(codebooks_DKd.shape) != (c.depth, c.codebook_size, c.code_dim):
+            raise GenerationConfigError(
+                f"codebooks_DKd has shape {tuple(codebooks_DKd.shape)}, the config expects "
+                f"(depth, codebook_size, code_dim) = ({c.depth}, {c.codebook_size}, {c.code_dim})"
+            )
+        self.config = c
+        self.register_buffer("codebooks_DKd", codebooks_DKd.detach().clone().float())
+        self.ctx_proj = nn.Linear(c.context_dim, c.width)
+        self.code_proj = nn.Linear(c.code_dim, c.width)
+        self.depth_emb_DC = nn.Parameter(torch.randn(c.depth, c.width) * 0.02)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(_Block(c.width, c.heads, c.dropout) for _ in range(c.layers))
+        self.ln_f = nn.LayerNorm(c.width)
+        self.head_w_DCK = nn.Parameter(torch.randn(c.depth, c.width, c.codebook_size) * 0.02)
+        self.head_b_DK = nn.Parameter(torch.zeros(c.depth, c.codebook_size))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"depth={c.depth}, codebook_size={c.codebook_size}, code_dim={c.code_dim}, width={c.width}"
+
+    def _hidden(self, context_NC: Tensor, codes_Nk: Tensor) -> Tensor:
+        """Transformer output (N, k + 1, width) for depths 0..k given the codes of depths < k."""
+        N, k = codes_Nk.shape
+        if k >= self.config.depth:
+            raise ValueError(f"a prefix of {k} codes leaves no depth to predict (depth={self.config.depth})")
+        ctx_N1C = self.ctx_proj(context_NC.to(self.ctx_proj.weight.dtype))[:, None]
+        z_Nkd = cumulative_code_vectors(self.codebooks_DKd, codes_Nk)
+        codes_in = torch.cat([ctx_N1C.new_zeros(N, 1, ctx_N1C.shape[-1]), self.code_proj(z_Nkd)], dim=1)
+        x = self.drop(ctx_N1C + codes_in + self.depth_emb_DC[: k + 1])
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, context_NC: Tensor, codes_ND: Tensor) -> Tensor:
+        """Teacher forcing: logits (N, D, K); logits[:, k] depend on codes_ND[:, :k] only (the last depth's
+        code is never read)."""
+        h_NDC = self._hidden(context_NC, codes_ND[:, :-1])
+        return torch.einsum("ndc,dck->ndk", h_NDC, self.head_w_DCK) + self.head_b_DK
+
+    def logits_at(self, context_NC: Tensor, codes_prefix_Nk: Tensor) -> Tensor:
+        """Sampling step: logits (N, K) of depth k = codes_prefix_Nk.shape[1] (0 <= k < D). The prefix is
+        recomputed rather than cached: D is 4 here and the head is small."""
+        k = codes_prefix_Nk.shape[1]
+        h_NC = self._hidden(context_NC, codes_prefix_Nk)[:, -1]
+        return h_NC @ self.head_w_DCK[k] + self.head_b_DK[k]
