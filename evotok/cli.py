@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from evotok.config import ConfigError, load_config, to_yaml
+from evotok.config import ConfigError, load_config, to_yaml, with_overrides
 from evotok.stages import STAGE_NAMES, StageNotBuilt, get_stage
 
 EXIT_USAGE = 2
@@ -78,11 +78,63 @@ def _dry_run(cfg, stage: str, config: Optional[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    if args.what != "recon":
-        raise NotBuilt(f"'evotok eval {args.what}' needs the {args.what} stage, which is not built yet; built: recon")
-    from evotok.eval.recon import evaluate_recon
+    if args.what == "recon":
+        from evotok.eval.recon import evaluate_recon
 
-    evaluate_recon(args.run, split=args.split, max_images=args.max_images, data_overrides=args.overrides or [])
+        evaluate_recon(args.run, split=args.split or "val", max_images=args.max_images, data_overrides=args.overrides or [])
+    elif args.what == "vqa":
+        from evotok.eval import understand
+
+        if args.overrides:
+            raise ConfigError(f"evotok eval vqa takes no key=value overrides, got {' '.join(args.overrides)}")
+        if args.depths:
+            understand.depth_curve(args.run, args.depths, kinds=args.features.split(","), probe_steps=args.probe_steps,
+                                   max_images=args.max_images or 128)
+        else:
+            understand.evaluate_vqa(args.run, split=args.split or "test", max_images=args.max_images)
+    elif args.what in ("pope", "mme"):
+        from evotok.eval.understand import evaluate_benchmark
+
+        if not args.file:
+            raise ConfigError(f"evotok eval {args.what} needs --file (a local {'jsonl' if args.what == 'pope' else 'tsv'} file)")
+        evaluate_benchmark(args.what, args.run, args.file, args.image_root)
+    else:  # geneval
+        from evotok.config import override_key
+        from evotok.eval.geneval import evaluate_geneval, parse_per_depth
+
+        bad = [o for o in args.overrides if override_key(o) != "checker.run"]
+        if bad:
+            raise ConfigError(f"evotok eval geneval takes only checker.run=RUN, got {' '.join(bad)}")
+        checker = next((o.partition("=")[2] for o in args.overrides), "")
+        evaluate_geneval(args.run, checker, n_per_tag=args.prompts, n_samples=args.samples, cfg_scale=args.cfg,
+                         top_k=parse_per_depth(args.top_k, int, "top-k"), top_p=parse_per_depth(args.top_p, float, "top-p"),
+                         temperature=args.temperature, seed=args.seed)
+    return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, top_k: str, top_p: str) -> None:
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--top-k", default=top_k, help="one value or one per depth, comma-separated (0 = off)")
+    p.add_argument("--top-p", default=top_p, help="one value or one per depth, in (0, 1]")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_generate(args) -> int:
+    from evotok.eval.geneval import generate_command, parse_per_depth
+
+    generate_command(args.run, args.prompt, n=args.n, cfg_scale=args.cfg, top_k=parse_per_depth(args.top_k, int, "top-k"),
+                     top_p=parse_per_depth(args.top_p, float, "top-p"), temperature=args.temperature, seed=args.seed,
+                     out=args.out)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from evotok.eval.understand import chat
+
+    if not args.question and not args.interactive:
+        raise ConfigError("evotok chat: give a question, or --interactive")
+    chat(args.run, args.image, [args.question] if args.question else [], interactive=args.interactive)
     return 0
 
 
@@ -103,6 +155,10 @@ def cmd_bench(args) -> int:
         from evotok.bench.quantizer import bench_quantizer
 
         bench_quantizer(quick=args.quick, out_dir=args.out)
+    elif args.what == "generate":
+        from evotok.bench.generate import bench_generate
+
+        bench_generate(out_dir=args.out, run=args.run or None, quick=args.quick)
     return 0
 
 
@@ -119,6 +175,15 @@ def cmd_data(args) -> int:
         for split in ("train", "val", "test", "heldout"):
             ds = build_dataset(cfg.data, split)
             print(f"{split}: {len(ds)} items")
+    elif args.what == "codes":
+        from evotok.api import read_checkpoint
+        from evotok.data.codes import build_codes
+
+        if not args.run:
+            raise ConfigError("evotok data codes needs --run TOKENIZER_RUN")
+        tok_cfg = read_checkpoint(args.run)[0]
+        data = with_overrides(tok_cfg, [o for o in args.overrides or [] if o.startswith("data.")]).data
+        build_codes(args.run, data, args.split or "train")
     return 0
 
 
@@ -188,13 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog = "key=value overrides that follow apply to every stage."
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("eval", help="evaluate a trained run (recon: per-depth rFID, PSNR, SSIM, CLIPSIM, usage)")
-    p.add_argument("what", choices=("recon", "vqa", "geneval"))
+    p = sub.add_parser("eval", help="evaluate a trained run (recon: per-depth rFID, PSNR, SSIM, CLIPSIM, usage; "
+                                    "vqa: questions per type with a blind baseline; pope / mme: local benchmark files)")
+    p.add_argument("what", choices=("recon", "vqa", "pope", "mme", "geneval"))
     _add_run_arg(p)
-    p.add_argument("--split", default="val")
-    p.add_argument("--max-images", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--split", default="", help="default: val for recon, test for vqa")
+    p.add_argument("--max-images", type=int, default=0, help="0 = the whole split (vqa --depths: 128)")
+    p.add_argument("--depths", default="", help="vqa: 'all' or e.g. 1,4,16: the per-depth curve (a short "
+                                                "projector-only training per depth and feature kind)")
+    p.add_argument("--features", default="semantic,latent", help="vqa --depths: feature kinds to probe")
+    p.add_argument("--probe-steps", type=int, default=100, help="vqa --depths: projector steps per probe")
+    p.add_argument("--file", default="", help="pope: a jsonl file (image, question, label); mme: a tsv file")
+    p.add_argument("--image-root", default="", help="pope / mme: the folder the file's image names are under")
+    p.add_argument("--prompts", type=int, default=16, help="geneval: prompts per tag")
+    p.add_argument("--samples", type=int, default=4, help="geneval: samples per prompt")
+    _add_sampling_args(p, top_k="0", top_p="1.0")
     p.set_defaults(accepts_overrides=True)
-    p.epilog = "key=value data overrides may follow, e.g. data.source=realphotos."
+    p.epilog = "key=value data overrides may follow, e.g. data.source=realphotos; geneval: checker.run=RUN."
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("figures", help="rebuild the paper's figures (t-SNE, depth curves, K-means) from run folders")
@@ -204,29 +279,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=512)
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("bench", help="benchmarks (data: EvoShapes speed; quantizer: RVQ kernels)")
-    p.add_argument("what", choices=("data", "quantizer"))
+    p = sub.add_parser("bench", help="benchmarks (data: EvoShapes speed; quantizer: RVQ kernels; generate: "
+                                     "sampling with and without the KV cache)")
+    p.add_argument("what", choices=("data", "quantizer", "generate"))
+    p.add_argument("--run", default="", help="generate: time a trained generation run (default: random embedded sizes)")
     p.add_argument("--out", default="results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("data", help="data tools: preview (labelled sample grid), cache (generate EvoShapes splits)")
-    p.add_argument("what", choices=("preview", "cache"))
+    p = sub.add_parser("data", help="data tools: preview (labelled sample grid), cache (generate EvoShapes splits), "
+                                    "codes (encode a split once with a tokenizer run, for the generation stage)")
+    p.add_argument("what", choices=("preview", "cache", "codes"))
     _add_config_args(p)
+    p.add_argument("--run", default="", help="codes: the tokenizer run")
     p.add_argument("--out", default="evoshapes_preview.png")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--split", default="train")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("generate", help="generate images from text (generation stage)")
+    p = sub.add_parser("generate", help="generate images from text (generation stage): a PNG grid and the codes")
     _add_run_arg(p)
-    p.add_argument("--prompt", default="")
-    p.set_defaults(func=not_built("generate", "generation"))
+    p.add_argument("prompt", nargs="?", default="", help="the prompt; empty = unconditional samples")
+    p.add_argument("--n", type=int, default=8, help="samples")
+    _add_sampling_args(p, top_k="900", top_p="0.96")
+    p.add_argument("--out", default="grid.png", help="PNG grid; the codes go to the same name with .npz")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="ask questions about an image (understanding stage)")
     _add_run_arg(p)
-    p.add_argument("--image", default="")
-    p.set_defaults(func=not_built("chat", "understanding"))
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("question", nargs="?", default="", help="the question (or --interactive)")
+    p.add_argument("--interactive", action="store_true", help="keep asking until an empty line")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("encode", help="encode a folder of images to codes (.npz)")
     _add_run_arg(p)

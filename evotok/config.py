@@ -156,7 +156,8 @@ class GenConfig:
     """The generation head: LM + input projection of z_Lpix + depth transformer over the Lpix codes."""
 
     phase: int = 1  # 1: projection + depth transformer (LM frozen); 2: everything
-    depth_layers: int = 2
+    depth_layers: int = 2  # the depth transformer (6 in the paper)
+    depth_width: int = 128
     depth_heads: int = 4
     caption_dropout: float = 0.1  # empty prompt in training: the unconditional branch of CFG
     cfg_scale: float = 3.0
@@ -168,6 +169,7 @@ class GenConfig:
 @dataclass
 class CheckerConfig:
     width: int = 32  # the classifier's base channel count
+    run: str = ""  # a checker run (`evotok train checker`): what `evotok eval geneval` scores images with
 
 
 @dataclass
@@ -187,6 +189,9 @@ class DataConfig:
     noise_sigma: float = 0.02
     on_bad_file: str = "skip"  # skip (count, warn once) | error
     augment: bool = False  # random crop + flip for real images
+    # EvoShapes items' LLaVA-style conversations: qa (every question/answer round, like LLaVA-665k: understanding
+    # phase 2) or caption (one "Describe the image." round, like LLaVA-558k: phase 1)
+    conversations: str = "qa"
 
 
 @dataclass
@@ -237,6 +242,7 @@ class Config:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     understanding: RunRef = field(default_factory=RunRef)
     gen: GenConfig = field(default_factory=GenConfig)
+    generation: RunRef = field(default_factory=RunRef)
     checker: CheckerConfig = field(default_factory=CheckerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -254,6 +260,7 @@ CHOICES = {
     "loss.recon": ("l2", "l1"),
     "data.source": ("evoshapes", "folder", "llava", "webdataset", "realphotos"),
     "data.on_bad_file": ("skip", "error"),
+    "data.conversations": ("qa", "caption"),
     "eval.split": ("train", "val", "test", "heldout"),
     "eval.fid_features": ("teacher", "inception"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -266,7 +273,7 @@ OPEN_DICTS = ("optim.group_lr",)  # dict-valued keys whose entries are free name
 POSITIVE = (
     "model.lpix", "model.lsem", "model.quantizer.codebook_size", "model.quantizer.dim",
     "data.resolution", "data.batch_size", "trainer.num_nodes", "trainer.accumulate", "loss.sem_folds",
-    "lm.vocab_size", "lm.max_length", "gen.depth_layers", "gen.depth_heads", "checker.width",
+    "lm.vocab_size", "lm.max_length", "gen.depth_layers", "gen.depth_width", "gen.depth_heads", "checker.width",
 )
 
 

@@ -104,7 +104,14 @@ def locate(key: str, value: str | Path) -> Upstream:
             run, ckpt = resolve_run(p)
         except RunError as e:
             raise UpstreamError(f"{key} = '{value}': {e}") from None
+        from evotok.stages import get_stage, producer
+
         root = run.path.resolve()
+        artifact = get_stage(producer(key)).artifact
+        if artifact:  # e.g. an lm run's Hugging Face export
+            if not (root / artifact).exists():
+                raise UpstreamError(f"{key} = '{value}' has no {artifact}/ (written when the run finishes): is it finished?")
+            return Upstream(key, root, root / artifact, fingerprint(root / artifact))
         if not run.finished:
             warnings.warn(f"{key} = '{value}' is not a finished run (no FINISHED marker); using {ckpt.name}",
                           RuntimeWarning, stacklevel=2)
@@ -225,10 +232,10 @@ def recorded_upstream(run_dir: Path, ckpt: Optional[Path] = None) -> Optional[di
     return None
 
 
-def upstream_config(run_or_ckpt: str | Path, cfg: Any, stage: str) -> Any:
-    """``cfg`` (a run's own config) with every upstream it uses resolved through the run's records and
-    verified. Runs made before the records existed resolve their keys from the working directory, else
-    from the folder holding ``run.dir``, with a warning that nothing could be verified."""
+def verified_upstreams(run_or_ckpt: str | Path, cfg: Any, stage: str) -> dict[str, Upstream]:
+    """Every upstream a run's own config ``cfg`` uses, found through the run's records and verified. Runs made
+    before the records existed resolve their keys from the working directory, else from the folder holding
+    ``run.dir``, with a warning that nothing could be verified."""
     from evotok.config import get_key
     from evotok.runs import resolve_run
 
@@ -245,5 +252,10 @@ def upstream_config(run_or_ckpt: str | Path, cfg: Any, stage: str) -> Any:
         if keys:
             warnings.warn(f"run {run.path} has no upstream records (made before they existed): its "
                           f"{', '.join(keys)} could not be verified", RuntimeWarning, stacklevel=2)
-        return with_upstreams(cfg, resolved)
-    return with_upstreams(cfg, {k: find_recorded(k, recs[k], run.path) for k in keys if k in recs})
+        return resolved
+    return {k: find_recorded(k, recs[k], run.path) for k in keys if k in recs}
+
+
+def upstream_config(run_or_ckpt: str | Path, cfg: Any, stage: str) -> Any:
+    """``cfg`` (a run's own config) with its hand-over keys set to the verified upstreams' absolute paths."""
+    return with_upstreams(cfg, verified_upstreams(run_or_ckpt, cfg, stage))

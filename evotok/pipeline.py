@@ -18,7 +18,7 @@ from evotok.config import ConfigError, experiment_dirs, load_config, override_ke
 
 PIPELINE_DIRS = experiment_dirs("pipelines")
 PIPELINES = tuple(sorted({p.stem for d in PIPELINE_DIRS for p in d.glob("*.yaml")}))
-STEP_KINDS = ("data_preview", "train", "eval_recon", "figures", "record")
+STEP_KINDS = ("data_preview", "train", "eval_recon", "eval_vqa", "eval_geneval", "figures", "record")
 
 
 def pipeline_path(name: str) -> Path:
@@ -94,7 +94,7 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
         elif kind == "train":
             stage = step["stage"]
             own = list(step.get("overrides", []))
-            extra = [f"run.name={run_name}", *own, *handover_overrides(stage, runs, own)]
+            extra = [f"run.name={step.get('name', run_name)}", *own, *handover_overrides(stage, runs, own)]
             cfg = load_config(step.get("config"), [*extra, *overrides_for(stage, base)], stage=stage)
             path = run_path(cfg, stage)
             if RunDir(path).finished:
@@ -106,6 +106,20 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
             from evotok.eval.recon import evaluate_recon
 
             evaluate_recon(runs[step["stage"]], split=step.get("split", "val"))
+        elif kind == "eval_vqa":
+            from evotok.eval import understand
+
+            if step.get("depths"):
+                understand.depth_curve(runs[step["stage"]], step["depths"], probe_steps=step.get("probe_steps", 100),
+                                       max_images=step.get("max_images", 128))
+            else:
+                understand.evaluate_vqa(runs[step["stage"]], split=step.get("split", "test"),
+                                        max_images=step.get("max_images", 0))
+        elif kind == "eval_geneval":
+            from evotok.eval.geneval import evaluate_geneval
+
+            evaluate_geneval(runs[step["stage"]], str(runs.get("checker", "")), n_per_tag=step.get("prompts", 16),
+                             n_samples=step.get("samples", 4), cfg_scale=step.get("cfg", 3.0))
         elif kind == "figures":
             from analysis.make_figures import make_figures
 

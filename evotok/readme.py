@@ -131,12 +131,102 @@ def render_nmi(results: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _command(data: dict) -> str:
+    return f"Step {data.get('step', '?')}; command: `{data.get('command', '?')}`.\n"
+
+
+def render_lm(results: Path) -> str:
+    data = _load("lm_tiny", results)
+    if data is None:
+        return _missing("evotok pipeline mllm_tiny")
+    s = data["scalars"]
+    rows = ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(s[k], 3)} |" for k in ("val/loss", "val/perplexity") if k in s]
+    return "\n".join(rows) + "\n\n" + _command(data)
+
+
+VQA_COLUMNS = ("shape", "count", "color", "texture", "background", "overall")
+
+
+def render_understanding(results: Path) -> str:
+    """The phase-2 model beside its blind baseline, then the feature-source table from the per-depth probes."""
+    data = _load("understanding_tiny", results)
+    if data is None:
+        return _missing("evotok pipeline mllm_tiny")
+    s, per = data["scalars"], data.get("per_depth", {})
+    head = "| features | " + " | ".join(VQA_COLUMNS) + " |"
+    rows = [head, "|---|" + "---|" * len(VQA_COLUMNS)]
+    if "vqa/overall" in s:
+        rows.append("| phase 2 model (semantic output at Lsem) | " + " | ".join(_fmt(s.get(f"vqa/{t}"), 3) for t in VQA_COLUMNS) + " |")
+        rows.append("| blind baseline (another image's features) | " + " | ".join(_fmt(s.get(f"blind/{t}"), 3) for t in VQA_COLUMNS) + " |")
+    info = data.get("vqa_depth_eval") or {}
+    lpix, lsem = info.get("lpix"), info.get("lsem")
+    probes = [("semantic output at Lsem", "vqa_", lsem), ("raw z at Lpix", "vqa_latent_", lpix), ("raw z_1", "vqa_latent_", 1)]
+    for label, prefix, depth in probes:
+        vals = per.get(prefix + "overall")
+        if vals and depth and depth <= len(vals) and vals[depth - 1] is not None:
+            rows.append(f"| probe: {label} (depth {depth}) | " + " | ".join(_fmt(per[prefix + t][depth - 1], 3) for t in VQA_COLUMNS) + " |")
+    text = "\n".join(rows) + "\n"
+    if info:
+        text += (f"\nProbes: {info.get('protocol', '')}, {info.get('probe_steps')} steps each, "
+                 f"{info.get('test_images')} test images.\n")
+    return text + "\n" + _command(data)
+
+
+def render_checker(results: Path) -> str:
+    data = _load("checker_tiny", results)
+    if data is None:
+        return _missing("evotok pipeline mllm_tiny")
+    s = data["scalars"]
+    factors = ("shape", "count", "color", "texture", "background")
+    rows = ["| split | " + " | ".join(factors) + " |", "|---|" + "---|" * len(factors)]
+    rows.append("| test | " + " | ".join(_fmt(s.get(f"acc/{f}"), 3) for f in factors) + " |")
+    rows.append("| held-out pairs | " + " | ".join(_fmt(s.get(f"heldout_acc/{f}"), 3) for f in factors) + " |")
+    return "\n".join(rows) + "\n\n" + _command(data)
+
+
+def render_generation(results: Path) -> str:
+    data = _load("generation_tiny", results)
+    if data is None:
+        return _missing("evotok pipeline mllm_tiny")
+    s = data["scalars"]
+    tags = [k.split("/", 1)[1] for k in s if k.startswith("geneval/")]
+    rows = ["| tag | score | example prompt |", "|---|---|---|"]
+    examples = (data.get("geneval") or {}).get("examples", {})
+    for t in tags:
+        rows.append(f"| {t} | {_fmt(s[f'geneval/{t}'], 3)} | {examples.get(t, '')} |")
+    extra = ""
+    if "gen_fd" in s:
+        extra = f"\nFréchet distance to real test images (teacher features): {s['gen_fd']:.3g}.\n"
+    ce = [f"depth {k}: {s[f'ce_depth{k}']:.3f}" for k in range(1, 17) if f"ce_depth{k}" in s]
+    if ce:
+        extra += f"\nValidation cross-entropy per depth: {', '.join(ce)}.\n"
+    return "\n".join(rows) + "\n" + extra + "\n" + _command(data)
+
+
+def render_bench_generate(results: Path) -> str:
+    data = _load("bench_generate", results)
+    if data is None:
+        return _missing("evotok bench generate")
+    rows = ["| KV cache | seconds per batch | images/s |", "|---|---|---|"]
+    for r in data["rows"]:
+        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {r['seconds']:.2f} | {r['images_per_s']:.2f} |")
+    return "\n".join(rows) + (
+        f"\n\nBatch {data['batch']}, {data['positions']} positions x {data['depths']} depths, CFG on, "
+        f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x, codes identical: {data['same_codes']}; "
+        f"measured {data['date']} with {data['threads']} threads (`evotok bench generate`).\n")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "bench_data": render_bench_data,
     "bench_quantizer": render_bench_quantizer,
     "teacher_tiny": render_teacher,
     "tokenizer_evotok_tiny": lambda r: render_tokenizer(r, "tokenizer_evotok_tiny"),
     "nmi_evotok_tiny": render_nmi,
+    "lm_tiny": render_lm,
+    "understanding_tiny": render_understanding,
+    "checker_tiny": render_checker,
+    "generation_tiny": render_generation,
+    "bench_generate": render_bench_generate,
 }
 
 

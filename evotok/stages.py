@@ -40,6 +40,8 @@ HANDOVER: dict[str, str] = {
     "lm.run": "lm",
     "lm.path": "",
     "understanding.run": "understanding",
+    "generation.run": "generation",
+    "checker.run": "checker",
 }
 
 # Keys every stage reads.
@@ -54,7 +56,6 @@ class BatchSpec:
     view: str  # "module:function": item dict -> the stage's fields
     task: str = ""  # LLaVA-JSON task the stage keeps ("understanding" | "generation"); "" = every item
     collate: str = "evotok.data.collate:collate"  # "module:function" (items) -> batch, when no module-made one
-    text_only: bool = False  # the view is {"text": ...}: datasets with a text(i) method serve it without images
 
     def view_fn(self) -> Callable[[dict], dict]:
         return _import(self.view)
@@ -72,9 +73,11 @@ class Stage:
     module: Optional[str] = None  # provides build(cfg, upstream) and describe(cfg); None = not built yet
     upstream: tuple[str, ...] = ()  # hand-over keys the stage may read (see HANDOVER)
     metrics: tuple[str, ...] = ()  # metrics.json scalar names its training run writes
+    eval_metrics: tuple[str, ...] = ()  # metrics.json scalar names its `evotok eval` command adds
     per_depth: tuple[str, ...] = ()  # metrics.json per-depth names its training or evaluation writes
     validate: Optional[str] = None  # "module:function" (cfg) -> None, value checks at load (torch-free)
     monitor: str = ""  # the validation metric that picks best.ckpt
+    artifact: str = ""  # what later stages load from a run, relative to its folder ("" = its checkpoint)
     notes: dict[str, str] = field(default_factory=dict)  # key -> why the stage does not read it (error hint)
 
     @property
@@ -132,32 +135,45 @@ STAGES: dict[str, Stage] = {
         Stage(
             "lm", "the stand-in language model: a small causal LM pretrained on EvoShapes text",
             reads=("lm.preset", "lm.vocab_size", "lm.max_length", "optim"),
-            batch=BatchSpec(("text",), "evotok.data.views:lm_view", text_only=True),
-            notes={"lm.path": "the lm stage trains the stand-in LM; lm.path is what later stages read"},
+            batch=BatchSpec(("text", "caption", "qa"), "evotok.data.views:lm_view"),
+            module="evotok.lit.lm_module",
+            metrics=("val/loss", "val/perplexity"),
+            monitor="val/loss",
+            artifact="hf",
+            notes={"lm.path": "the lm stage trains the stand-in LM; lm.path is what later stages read",
+                   "lm.run": "the lm stage trains the stand-in LM; lm.run is what later stages read"},
         ),
         Stage(
             "understanding", "stage 2: EvoTok features spliced into the LM (LLaVA-style), VQA",
             reads=("tokenizer.run", "lm.run", "lm.path", "lm.max_length", "lm.gradient_checkpointing", "mllm", "optim",
-                   "eval"),
-            batch=BatchSpec(("image", "conversations", "question", "answer"), "evotok.data.views:understanding_view",
+                   "eval", "understanding.run"),
+            batch=BatchSpec(("image", "index", "conversations", "qa"), "evotok.data.views:understanding_view",
                             task="understanding"),
-            upstream=("tokenizer.run", "lm.run", "lm.path"),
-            metrics=(*(f"vqa/{t}" for t in _VQA_TYPES), *(f"blind/{t}" for t in _VQA_TYPES), "vqa/overall"),
+            module="evotok.lit.understanding_module",
+            upstream=("tokenizer.run", "lm.run", "lm.path", "understanding.run"),
+            metrics=("val/loss", "val/vqa_overall", "val/blind_overall"),
+            eval_metrics=(*(f"vqa/{t}" for t in _VQA_TYPES), *(f"blind/{t}" for t in _VQA_TYPES), "vqa/overall"),
             per_depth=tuple(f"vqa_{t}" for t in _VQA_TYPES),
+            monitor="val/loss",
         ),
         Stage(
             "generation", "stage 3: text-to-image over residual codes (LM + depth transformer, CFG)",
             reads=("tokenizer.run", "lm.run", "lm.path", "lm.max_length", "lm.gradient_checkpointing",
-                   "understanding.run", "gen", "optim", "eval"),
-            batch=BatchSpec(("image", "caption"), "evotok.data.views:generation_view", task="generation"),
-            upstream=("tokenizer.run", "lm.run", "lm.path", "understanding.run"),
-            metrics=("geneval/overall", "gen_fd"),
+                   "understanding.run", "generation.run", "checker.run", "gen", "optim", "eval"),
+            batch=BatchSpec(("index", "caption", "labels"), "evotok.data.views:generation_view", task="generation"),
+            module="evotok.lit.generation_module",
+            upstream=("tokenizer.run", "lm.run", "lm.path", "understanding.run", "generation.run"),
+            metrics=("val/ce", *(f"ce_depth{k}" for k in range(1, 5))),
+            eval_metrics=("geneval/overall", "gen_fd"),
+            monitor="val/ce",
         ),
         Stage(
             "checker", "a classifier of EvoShapes factors that scores generated images (GenEval-style)",
-            reads=("checker", "optim"),
+            reads=("checker.width", "optim"),
             batch=BatchSpec(("image", "labels"), "evotok.data.views:checker_view"),
-            metrics=tuple(f"acc/{t}" for t in _VQA_TYPES),
+            module="evotok.lit.checker_module",
+            metrics=("val/acc_mean", *(f"acc/{t}" for t in _VQA_TYPES)),
+            monitor="val/acc_mean",
         ),
     )
 }

@@ -49,3 +49,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_DATA = ["data.train_size=96", "data.val_size=32", "data.test_size=32", "data.batch_size=16", "trainer.threads=1",
+             "trainer.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def mllm_base(tmp_path_factory):
+    """One tiny tokenizer run (random teacher, Lpix=2, Lsem=3, 2 steps) and one stand-in LM run (12 steps), shared
+    by the understanding and generation tests: ``{"common": overrides, "tok": RunDir, "lm": RunDir}``."""
+    from evotok.config import load_config
+    from evotok.lit.train import train
+
+    root = tmp_path_factory.mktemp("mllm")
+    common = [f"run.dir={root / 'runs'}", f"data.cache_dir={root / 'cache'}", *TINY_DATA]
+    tok = train(load_config("tokenizer/evotok_tiny", [*common, "run.name=t", "teacher.run=", "teacher.random_init=true",
+                                                       "teacher.cache_features=false", "trainer.max_steps=2",
+                                                       "trainer.val_every_n_steps=2", "trainer.image_log_every_n_steps=0",
+                                                       "model.lpix=2", "model.lsem=3"], stage="tokenizer"), "tokenizer")
+    lm = train(load_config("lm/tiny", [*common, "run.name=lm", "trainer.max_steps=12", "trainer.val_every_n_steps=12",
+                                       "lm.vocab_size=400", "trainer.limit_val_batches=2"], stage="lm"), "lm")
+    return {"root": root, "common": common, "tok": tok, "lm": lm}

@@ -339,6 +339,7 @@ def test_extract_cache_reused_and_invalidated(tmp_path, fake_compute):
         extract_mod.extract(run, n_images=64, data_overrides=["data.nope=1"])
 
 
+@pytest.mark.slow  # part of make test, not of make test-fast
 def test_make_figures_on_synthetic_runs(tmp_path, fake_compute):
     full = {"stage": "tokenizer", "step": 5, "scalars": {"vqa_accuracy": 0.5, "val_clipsim_sem": 0.75},
             "per_depth": {"rfid": [9, 5, 3, 2, 2, 2], "psnr": [10, 12, 13, 13, 13, 13]}}
@@ -377,3 +378,20 @@ def test_make_figures_on_synthetic_runs(tmp_path, fake_compute):
     again = make_figures([runs[2], npz], tmp_path / "again", **kw)
     assert len(fake_compute) == 3
     assert (again.parent / "seed0" / "nmi.png").is_file() and (again.parent / "no_metrics" / "tsne.pdf").is_file()
+
+
+def test_vqa_depth_figure_draws_each_type_and_skips_unprobed_depths():
+    from analysis.plotting import data_lines
+    from analysis.vqa_depth import plot_vqa_depth
+
+    nan = float("nan")
+    per = {"vqa_shape": [0.2, nan, 0.9], "vqa_count": [0.5, nan, 0.95], "vqa_latent_shape": [0.1, nan, 0.3],
+           "vqa_overall": [0.3, nan, 0.9]}
+    fig = plot_vqa_depth(per, lpix=2, lsem=3, chance={"shape": 0.125})
+    semantic, latent = fig.axes
+    lines = {ln.get_label(): ln for ln in data_lines(semantic) if not ln.get_label().startswith("_")}
+    assert set(lines) == {"shape", "count"}  # overall is not a question type
+    assert list(lines["shape"].get_xdata()) == [1, 3] and list(lines["shape"].get_ydata()) == [0.2, 0.9]
+    assert [ln.get_label() for ln in data_lines(latent) if not ln.get_label().startswith("_")] == ["shape"]
+    with pytest.raises(ValueError, match="no vqa_"):
+        plot_vqa_depth({"psnr": [1.0]})

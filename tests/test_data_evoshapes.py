@@ -94,9 +94,11 @@ def test_item_schema_and_same_tensor_everywhere(train):
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 32, 32)
     assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
     assert item["index"] == 5 and item["source"] == "evoshapes" and item["task"] == ""
-    conv = item["conversations"]
-    assert conv[0]["from"] == "human" and "<image>" in conv[0]["value"] and conv[1]["from"] == "gpt"
-    assert any(q["question"] in conv[0]["value"] and q["answer"] == conv[1]["value"] for q in item["qa"])
+    conv = item["conversations"]  # data.conversations=qa: every question, one round each, the image in the first
+    assert [t["from"] for t in conv] == ["human", "gpt"] * len(item["qa"]) == ["human", "gpt"] * 5
+    assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
+    assert [(q["question"], q["answer"]) for q in item["qa"]] == [
+        (conv[2 * i]["value"].replace("<image>\n", ""), conv[2 * i + 1]["value"]) for i in range(5)]
     batch = collate([train[i] for i in idx])
     assert torch.equal(batch["image"], torch.stack(alone))
     np.testing.assert_array_equal(train.images_uint8(idx).astype(np.float32) / 255.0, batch["image"].numpy())
@@ -125,11 +127,33 @@ def test_text_matches_labels(train):
         lowlevel_words = set(FACTORS["color"]) | set(FACTORS["texture"]) | set(FACTORS["background"])
         assert not sem & lowlevel_words
         answers = {q["type"]: q["answer"] for q in item["qa"]}
-        assert set(answers) == {"shape", "color", "count", "texture"}
+        assert set(answers) == {"shape", "color", "count", "texture", "background"}
         assert answers == {"shape": shape, "color": color, "count": FACTORS["count"][lab["count"]],
-                           "texture": FACTORS["texture"][lab["texture"]]}
+                           "texture": FACTORS["texture"][lab["texture"]],
+                           "background": FACTORS["background"][lab["background"]]}
         assert item["caption"] == caption(lab) and qa_pairs(lab) == item["qa"]
         assert semantic_caption(lab) == item["caption_sem"]
+
+
+def test_partial_captions_name_only_their_factors():
+    from evotok.data.evoshapes import partial_caption
+
+    lab = {"shape": 3, "count": 0, "color": 0, "texture": 1, "background": 2}
+    assert partial_caption(lab, ["shape"]) == "stars"
+    assert partial_caption(lab, ["count", "shape"]) == "one star"
+    assert partial_caption(lab, ["color", "texture", "shape"]) == "red striped stars"
+    assert partial_caption(lab, ["shape", "background"]) == "stars on a gray background"
+    assert partial_caption(lab, list(FACTORS)) == caption(lab)
+    with pytest.raises(ValueError, match="unknown factor"):
+        partial_caption(lab, ["size"])
+
+
+def test_caption_conversations(cache):
+    from evotok.data.evoshapes import CAPTION_QUESTION
+
+    item = EvoShapes(_cfg(cache, conversations="caption"), "train")[5]
+    assert item["conversations"] == [{"from": "human", "value": "<image>\n" + CAPTION_QUESTION},
+                                     {"from": "gpt", "value": item["caption"]}]
 
 
 def test_every_factor_balanced(train):

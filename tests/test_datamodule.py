@@ -37,10 +37,10 @@ def _check_batch(batch: dict, stage: str, bs: int, res: int = 32) -> None:
             assert v.dtype == torch.long and v.shape == (bs,)
     if "index" in batch:
         assert batch["index"].dtype == torch.long and batch["index"].shape == (bs,)
-    for k in ("caption_sem", "caption", "text", "question", "answer", "conversations"):
+    for k in ("caption_sem", "caption", "text", "conversations", "qa"):
         if k in batch:
             assert isinstance(batch[k], list) and len(batch[k]) == bs
-            if k != "conversations":
+            if k not in ("conversations", "qa"):
                 assert all(isinstance(s, str) and s for s in batch[k]), k
 
 
@@ -53,7 +53,7 @@ def test_every_stage_on_evoshapes(cache_dir, stage):
         _check_batch(next(iter(loader)), stage, 8)
     if stage == "understanding":
         b = next(iter(dm.val_dataloader()))
-        assert all("<image>" in c[0]["value"] and c[1]["value"] == a for c, a in zip(b["conversations"], b["answer"]))
+        assert all("<image>" in c[0]["value"] and c[1]["value"] == qa[0]["answer"] for c, qa in zip(b["conversations"], b["qa"]))
     if stage == "lm":
         b = next(iter(dm.val_dataloader()))
         assert all("\n" in t and "background" in t for t in b["text"])
@@ -128,7 +128,7 @@ def test_llava_tasks_split_by_stage(tmp_path, cache_dir):
     assert len(und.dataset("train")) == 8
     batch = next(iter(und.dataloader("train")))
     _check_batch(batch, "understanding", 4)
-    assert all(a.startswith("ans") and q == "What?" for q, a in zip(batch["question"], batch["answer"]))
+    assert all(c[0]["value"] == "<image>\nWhat?" and c[1]["value"].startswith("ans") for c in batch["conversations"])
     gen = EvoTokDataModule(_cfg(cache_dir, **kw), "generation")
     batch = next(iter(gen.dataloader("train")))
     _check_batch(batch, "generation", 4)

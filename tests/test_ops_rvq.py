@@ -258,6 +258,7 @@ def _peak_extra_kib(impl, N, K, d, L):
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"]
 
 
+@pytest.mark.slow  # part of make test, not of make test-fast
 def test_peak_memory_flat_in_K(cpp_built):
     """Peak-RSS (VmHWM) rise during one call, in a fresh process, measured after the inputs exist.
 

@@ -240,6 +240,7 @@ def test_no_dense_one_hot_or_distance_matrix_in_training_forward():
     assert math.isfinite(float(q.codebooks_LKd.abs().max()))
 
 
+@pytest.mark.slow  # part of make test, not of make test-fast
 def test_bench_quick_runs_and_writes_json(tmp_path):
     import json
 

@@ -50,11 +50,11 @@ def test_finished_run_is_not_overwritten_and_overwrite_starts_afresh(tmp_path):
         f.write_text("old")
     run.mark_finished()
     with pytest.raises(RunError) as e:
-        prepare_run(cfg, "teacher", {})
+        prepare_run(cfg, "teacher")
     assert str(run.path) in str(e.value) and "run.overwrite=true" in str(e.value)
     assert all(f.exists() for f in old)  # nothing lost by the refusal
     cfg2 = _cfg(tmp_path, "run.overwrite=true")
-    prepare_run(cfg2, "teacher", {})
+    prepare_run(cfg2, "teacher")
     assert all(f.exists() for f in old)  # prepare_run never deletes: the run folder goes when the new run starts
     run2 = create_run(cfg2, "teacher")
     assert not run2.finished
@@ -68,8 +68,8 @@ def test_resume_with_other_model_is_refused(tmp_path):
     run = create_run(_cfg(tmp_path, "model.lpix=4"), "tokenizer")
     torch.save({"state_dict": {}}, run.last_ckpt)
     with pytest.raises(RunError, match="model.lpix"):
-        prepare_run(_cfg(tmp_path, "model.lpix=16"), "tokenizer", {})
-    prepare_run(_cfg(tmp_path, "model.lpix=4", "trainer.max_steps=99"), "tokenizer", {})  # a longer run resumes
+        prepare_run(_cfg(tmp_path, "model.lpix=16"), "tokenizer")
+    prepare_run(_cfg(tmp_path, "model.lpix=4", "trainer.max_steps=99"), "tokenizer")  # a longer run resumes
 
 
 def test_saved_config_holds_what_the_stage_reads(tmp_path):

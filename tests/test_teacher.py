@@ -95,7 +95,7 @@ def test_token_table_returns_the_teacher_tokens_of_each_item_index(teacher):
     torch.manual_seed(0)
     images = torch.rand(10, 3, 32, 32)
     index = torch.tensor([7, 2, 9, 0, 4, 11, 3, 8, 1, 5])  # item indices, not positions; 6 and 10 missing
-    table = TokenTable.build(teacher, [{"image": images[:6], "index": index[:6]}, {"image": images[6:], "index": index[6:]}], size=12)
+    table = TokenTable.build(teacher.image_features, [{"image": images[:6], "index": index[:6]}, {"image": images[6:], "index": index[6:]}], size=12)
     assert len(table) == 10 and table.nbytes == 12 * 16 * 128 * 2
     with torch.no_grad():
         want = teacher.image_features(images[[8, 0, 5]])

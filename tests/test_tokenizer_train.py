@@ -195,6 +195,7 @@ def test_cached_teacher_tokens_train_like_computed_ones(tmp_path, capsys):
     assert series[True] == pytest.approx(series[False], rel=5e-3)  # then the updates differ that little
 
 
+@pytest.mark.slow  # part of make test, not of make test-fast
 def test_two_runs_of_one_config_give_identical_losses(tmp_path):
     """The schedule is a function of the step and the data order of (data.seed, epoch): the same config and
     seed give the same loss at every logged step, whatever the machine's speed."""

@@ -34,16 +34,12 @@ class StageView(Dataset):
         self.base, self.stage = base, stage
         self.indices = list(indices) if indices is not None else None
         self.view = _spec(stage).view_fn()
-        # text-only stages skip the image decode where the dataset can give an item's text alone
-        self.text_only = _spec(stage).text_only and hasattr(base, "text")
 
     def __len__(self) -> int:
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict:
         j = self.indices[i] if self.indices is not None else i
-        if self.text_only:
-            return {"text": self.base.text(j)}
         return self.view(self.base[j])
 
 

@@ -35,7 +35,9 @@ FACTORS: dict[str, list[str]] = {
 FACTOR_KEYS: tuple[str, ...] = ("shape", "count", "color", "texture", "background")  # label column order
 SEMANTIC_FACTORS = ("shape", "count")
 LOWLEVEL_FACTORS = ("color", "texture", "background")
-QA_TYPES = ("shape", "color", "count", "texture")
+QA_TYPES = ("shape", "color", "count", "texture", "background")
+CAPTION_QUESTION = "Describe the image."  # the human turn of caption conversations (LLaVA-558k style)
+CONVERSATION_KINDS = ("qa", "caption")
 SPLITS = ("train", "val", "test", "heldout")
 
 SHAPE_PLURALS = {
@@ -73,6 +75,22 @@ def caption(labels: Mapping[str, int]) -> str:
             f"on a {_name('background', labels)} background")
 
 
+def partial_caption(labels: Mapping[str, int], factors: Sequence[str]) -> str:
+    """A caption naming only ``factors`` of the labels (the shape is always named), in the full caption's word
+    order: {count, shape} -> 'two stars', {color, shape} -> 'red stars', all of FACTORS -> :func:`caption`. Without
+    the count the noun is plural and no number is given."""
+    unknown = set(factors) - set(FACTORS)
+    if unknown:
+        raise ValueError(f"unknown factor(s) {sorted(unknown)}; valid: {', '.join(FACTORS)}")
+    shape = _name("shape", labels)
+    n = int(labels["count"]) + 1 if "count" in factors else None
+    words = [_name("count", labels)] if n is not None else []
+    words += [_name(f, labels) for f in ("color", "texture") if f in factors]
+    words.append(shape if n == 1 else SHAPE_PLURALS[shape])
+    text = " ".join(words)
+    return text + (f" on a {_name('background', labels)} background" if "background" in factors else "")
+
+
 def semantic_caption(labels: Mapping[str, int]) -> str:
     """Caption naming only the semantic factors, e.g. 'two stars'."""
     n = int(labels["count"]) + 1
@@ -85,12 +103,27 @@ _QUESTIONS = {
     "color": "What color are the objects in the image?",
     "count": "How many objects are in the image?",
     "texture": "What texture do the objects in the image have?",
+    "background": "What color is the background?",
 }
 
 
 def qa_pairs(labels: Mapping[str, int]) -> list[dict]:
     """One question per type in QA_TYPES; answers are class names from FACTORS."""
     return [{"type": t, "question": _QUESTIONS[t], "answer": _name(t, labels)} for t in QA_TYPES]
+
+
+def conversation(labels: Mapping[str, int], kind: str = "qa") -> list[dict]:
+    """LLaVA-style conversation of an item: ``qa`` = every question of :func:`qa_pairs` as one round each, the
+    image in the first (LLaVA-665k style); ``caption`` = one round asking for the full caption (LLaVA-558k style)."""
+    if kind == "caption":
+        return [{"from": "human", "value": "<image>\n" + CAPTION_QUESTION}, {"from": "gpt", "value": caption(labels)}]
+    if kind != "qa":
+        raise ValueError(f"config key 'data.conversations' = {kind!r} is not one of {', '.join(CONVERSATION_KINDS)}")
+    out = []
+    for i, q in enumerate(qa_pairs(labels)):
+        out += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q["question"]},
+                {"from": "gpt", "value": q["answer"]}]
+    return out
 
 
 def zero_shot_prompts(factor: str) -> list[str]:
@@ -400,6 +433,7 @@ class EvoShapes(Dataset):
 
     def __init__(self, data_cfg: Any, split: str = "train", *, cache_dir: Optional[str | Path] = None) -> None:
         self.params = EvoShapesParams.from_data_config(data_cfg)
+        self.conversation_kind = str(getattr(data_cfg, "conversations", "qa"))  # text only: not in the cache key
         self.split = split
         self.size = split_size(data_cfg, split)
         if self.size == 0 and split == "heldout":
@@ -449,17 +483,14 @@ class EvoShapes(Dataset):
             raise IndexError(f"index {i} out of range for EvoShapes '{self.split}' of size {self.size}")
         i %= self.size
         lab = self.labels(i)
-        qa = qa_pairs(lab)
-        pick = qa[(i + self.params.seed) % len(qa)]
         image = torch.from_numpy(np.array(self.arrays.images_NCHW[i], dtype=np.float32)).div_(255.0)
         return {
             "image": image,
             "labels": lab,
             "caption": caption(lab),
             "caption_sem": semantic_caption(lab),
-            "qa": qa,
-            "conversations": [{"from": "human", "value": "<image>\n" + pick["question"]},
-                              {"from": "gpt", "value": pick["answer"]}],
+            "qa": qa_pairs(lab),
+            "conversations": conversation(lab, self.conversation_kind),
             "task": "",
             "index": i,
             "source": "evoshapes",

@@ -21,19 +21,21 @@ def checker_view(item: dict) -> dict:
 
 
 def lm_view(item: dict) -> dict:
-    return {"text": item_text(item)}
+    """Text to pretrain a language model on: the item's text lines, and its caption and question/answer pairs
+    (rendered as chat turns by the lm stage)."""
+    return {"text": item_text(item), "caption": item["caption"], "qa": item["qa"]}
 
 
 def understanding_view(item: dict) -> dict:
-    conv = item["conversations"]
-    q = next((i for i, t in enumerate(conv) if t["from"] == "human"), None)
-    question = strip_image(conv[q]["value"]) if q is not None else ""
-    answer = next((t["value"] for t in conv[(q or 0) + 1:] if t["from"] == "gpt"), "") if q is not None else ""
-    return {"image": item["image"], "conversations": conv, "question": question, "answer": answer}
+    """The image, its LLaVA-style conversation (what training learns) and its question/answer pairs (what VQA
+    evaluation asks); ``index`` looks up cached image features."""
+    return {"image": item["image"], "index": item["index"], "conversations": item["conversations"], "qa": item["qa"]}
 
 
 def generation_view(item: dict) -> dict:
-    return {"image": item["image"], "caption": item["caption"]}
+    """The caption (and factor labels, from which the generation stage words partial prompts) of an item; the
+    image's codes come from the tokenizer's codes cache by ``index``."""
+    return {"index": item["index"], "caption": item["caption"], "labels": item["labels"]}
 
 
 def item_text(item: dict) -> str:

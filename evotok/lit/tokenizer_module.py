@@ -152,7 +152,7 @@ class TokenizerModule(L.LightningModule):
                 "set teacher.cache_features=false"
             )
         start = time.perf_counter()
-        table = TokenTable.build(self.teacher, dm.dataloader("train", batch_size=256), size, device=self.device)
+        table = TokenTable.build(self.teacher.image_features, dm.dataloader("train", batch_size=256), size, device=self.device)
         if self.global_rank == 0:
             print(f"teacher tokens of {len(table):,} train images cached in {time.perf_counter() - start:.1f} s "
                   f"({table.nbytes / 2**20:.0f} MiB)")

@@ -295,3 +295,20 @@ def collate_encoded(items: Sequence[Encoded], pad_id: int, side: str = "right") 
         ids[b, sl], labels[b, sl], image[b, sl] = it.input_ids_T, it.labels_T, it.image_mask_T
         mask[b, sl] = 1
     return LMBatch(ids, labels, mask, image, position_ids_from_mask(mask))
+
+
+def encode_generation_prompt(text: str, tokenizer, max_length: Optional[int] = None,
+                             record_id: Optional[str] = None) -> Encoded:
+    """The prompt of text-to-image generation: ``<|im_start|>user\\n{text}<|im_end|>\\n<|im_start|>assistant\\n``
+    (the image follows in the assistant turn). ``text`` may be empty: that is the unconditional prompt of
+    classifier-free guidance (an empty user turn, as in the reference code). All labels are IGNORE_INDEX."""
+    where = _where(record_id)
+    enc = _Encoder(tokenizer, 1)
+    if IMAGE_TOKEN in text:
+        raise ConversationError(f"{where}: a generation prompt names the image to make; it cannot contain {IMAGE_TOKEN}")
+    _check_text(text, where, "the prompt", enc.forbidden)
+    piece = _cat([enc.block("user", text), enc.header("assistant")])
+    piece = _Piece(piece.ids, [IGNORE_INDEX] * len(piece.ids), piece.image)
+    if max_length is not None and len(piece.ids) > max_length:
+        raise ConversationTooLong(f"{where}: the prompt takes {len(piece.ids)} tokens > max_length={max_length}")
+    return _tensors(piece, 0)

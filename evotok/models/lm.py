@@ -239,9 +239,22 @@ def load_lm(path: str | Path, dtype: Optional[torch.dtype] = None) -> LoadedLM:
     ``<image>`` was added and its id is beyond the embedding matrix, the embeddings are resized (mean-initialised
     new row; Qwen's padded embedding matrices usually have room, and then nothing changes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path).expanduser()
     _check_folder(path)
+    bars = hf_logging.is_progress_bar_enabled()  # a "Loading weights" bar per load: noise in logs and errors
+    hf_logging.disable_progress_bar()
+    try:
+        return _load(path, dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(path: Path, dtype: Optional[torch.dtype]) -> LoadedLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError / ValueError / KeyError depending on the file
@@ -259,3 +272,20 @@ def load_lm(path: str | Path, dtype: Optional[torch.dtype] = None) -> LoadedLM:
         log.info("added %s to the tokenizer of %s as id %d (embedding rows: %d)", IMAGE_TOKEN, path, image_id,
                  model.get_input_embeddings().num_embeddings)
     return LoadedLM(model.eval(), tokenizer)
+
+
+def tokenizer_to_json(tokenizer) -> str:
+    """A trained stand-in tokenizer as one JSON string (the `tokenizers` serialisation), for checkpoints."""
+    return tokenizer.backend_tokenizer.to_str()
+
+
+def tokenizer_from_json(text: str):
+    """The stand-in tokenizer back from :func:`tokenizer_to_json` (special tokens and chat template as in
+    :func:`train_text_tokenizer`)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(text), eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+        extra_special_tokens=[IM_START, IM_END, IMAGE_TOKEN], chat_template=CHATML_TEMPLATE,
+    )

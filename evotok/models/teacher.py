@@ -20,7 +20,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -249,23 +249,25 @@ class Teacher(nn.Module):
 
 
 class TokenTable:
-    """A frozen teacher's patch tokens of a whole split, looked up by item index (``batch["index"]``).
+    """Per-item features of a whole split computed once by a frozen model (the teacher's patch tokens, the
+    understanding stage's image features), looked up by item index (``batch["index"]``).
 
-    Rows are stored in float16 on the CPU (EvoShapes train: 50,000 x 16 tokens x 128 = 205 MB); a lookup
-    of an index that was never filled raises instead of returning garbage."""
+    Rows are stored in float16 on the CPU (EvoShapes train, teacher tokens: 50,000 x 16 tokens x 128 = 205 MB); a
+    lookup of an index that was never filled raises instead of returning garbage."""
 
     def __init__(self, tokens_NTC: torch.Tensor, filled_N: torch.Tensor):
         self.tokens_NTC, self.filled_N = tokens_NTC, filled_N
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher: "Teacher", batches: Iterable[dict], size: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float16) -> "TokenTable":
-        """``teacher.image_features`` of every batch (dicts with ``image`` and ``index`` < ``size``)."""
+    def build(cls, fn: "Callable[[torch.Tensor], torch.Tensor]", batches: Iterable[dict], size: int,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float16) -> "TokenTable":
+        """``fn(images)`` (e.g. ``teacher.image_features``) of every batch (dicts with ``image`` and ``index`` <
+        ``size``)."""
         tokens, filled = None, torch.zeros(size, dtype=torch.bool)
         for batch in batches:
             index = batch["index"].long()
-            out = teacher.image_features(batch["image"].to(device)).to("cpu", dtype)
+            out = fn(batch["image"].to(device)).to("cpu", dtype)
             if tokens is None:
                 tokens = torch.zeros(size, *out.shape[1:], dtype=dtype)
             tokens[index] = out

@@ -1,0 +1,232 @@
+"""Sampling images from a generation run, and the GenEval-style evaluation (``evotok eval geneval``).
+
+Prompts are built from EvoShapes factors, with GenEval's tags where they apply and EvoShapes' own beside them:
+
+===============  =========================================  ====================================
+tag              the prompt names                           e.g.
+===============  =========================================  ====================================
+single_object    the shape                                  "stars"
+counting         count and shape                            "two stars"
+colors           colour and shape                           "red stars"
+color_attr       colour, texture and shape (binding)        "red striped stars"
+texture          texture and shape                          "striped stars"
+background       shape and background                       "stars on a teal background"
+heldout          colour and shape of a held-out pair        (pairs never seen in training)
+===============  =========================================  ====================================
+
+Each prompt is sampled several times; an image is correct when every factor its prompt names reads as named by
+the checker (a ``checker`` run). Per-tag score = the fraction of correct images; overall = the mean over tags,
+as GenEval sums up. ``gen_fd``: Fréchet distance between the generated images and as many real test images, in
+the teacher's pooled feature space (the tokenizer run's teacher).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+TAGS: dict[str, tuple[str, ...]] = {
+    "single_object": ("shape",),
+    "counting": ("count", "shape"),
+    "colors": ("color", "shape"),
+    "color_attr": ("color", "texture", "shape"),
+    "texture": ("texture", "shape"),
+    "background": ("shape", "background"),
+    "heldout": ("color", "shape"),
+}
+
+
+class Prompt(NamedTuple):
+    tag: str
+    text: str
+    want: dict[str, int]  # the factors the prompt names -> class index
+
+
+def geneval_prompts(n_per_tag: int, seed: int = 0, heldout_fraction: float = 0.1) -> list[Prompt]:
+    """``n_per_tag`` prompts per tag, deterministic for ``seed``; train-allowed (colour, shape) pairs except for
+    the held-out tag, whose pairs are the ones EvoShapes keeps out of training (same data.seed, fraction)."""
+    from evotok.data.evoshapes import FACTORS, allowed_pairs, heldout_pairs, partial_caption
+
+
+    rng = np.random.default_rng(seed)
+    allowed = [tuple(int(x) for x in pair) for pair in allowed_pairs(seed, heldout_fraction, "train")]
+    held = [tuple(int(x) for x in pair) for pair in heldout_pairs(seed, heldout_fraction)]
+    out = []
+    for tag, factors in TAGS.items():
+        if tag == "heldout" and not held:
+            continue
+        pairs = held if tag == "heldout" else allowed
+        for _ in range(n_per_tag):
+            color, shape = pairs[int(rng.integers(len(pairs)))]
+            labels = {f: int(rng.integers(len(FACTORS[f]))) for f in FACTORS}
+            labels.update(color=int(color), shape=int(shape))
+            out.append(Prompt(tag, partial_caption(labels, factors), {f: labels[f] for f in factors}))
+    return out
+
+
+def correct(want: dict[str, int], read: dict[str, int]) -> bool:
+    """Every factor the prompt names reads as named."""
+    return all(int(read[f]) == int(v) for f, v in want.items())
+
+
+def tag_scores(prompts: Sequence[Prompt], reads: Sequence[dict[str, int]]) -> dict[str, float]:
+    """``geneval/<tag>`` (fraction of correct images) and ``geneval/overall`` (the mean over tags); ``reads``:
+    the checker's reading of each image, in the order of ``prompts`` (a prompt repeated per sample)."""
+    hits: dict[str, list[bool]] = {}
+    for p, r in zip(prompts, reads):
+        hits.setdefault(p.tag, []).append(correct(p.want, r))
+    out = {f"geneval/{t}": sum(h) / len(h) for t, h in hits.items()}
+    out["geneval/overall"] = sum(out.values()) / len(out) if out else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+def parse_per_depth(text: str, kind: type, name: str) -> Any:
+    """'900' -> 900; '900,500,200,100' -> [900, 500, 200, 100] (one per depth)."""
+    from evotok.models.sampling import SamplingError
+
+    try:
+        vals = [kind(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise SamplingError(f"--{name} {text!r}: one number or one per depth, comma-separated") from None
+    if not vals:
+        raise SamplingError(f"--{name} is empty")
+    return vals[0] if len(vals) == 1 else vals
+
+
+@torch.no_grad()
+def sample_images(gen, tokenizer, evotok, texts: Sequence[str], *, cfg_scale: float = 3.0, temperature: float = 1.0,
+                  top_k: Any = 0, top_p: Any = 1.0, generator: Optional[torch.Generator] = None,
+                  use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) in [0, 1] and codes (B, h, w, Lpix) for prompts ``texts`` (an empty text samples
+    unconditionally): conditional and unconditional rows in one batch, the LM's KV cache across positions, CFG
+    at every depth, pixels from the tokenizer's pixel decoder at Lpix."""
+    from evotok.models.conversation import collate_encoded, encode_generation_prompt
+
+    device = next(gen.parameters()).device
+    cond = collate_encoded([encode_generation_prompt(t, tokenizer) for t in texts], tokenizer.pad_token_id, side="left")
+    uncond = collate_encoded([encode_generation_prompt("", tokenizer)], tokenizer.pad_token_id, side="left")
+    h, w = evotok.grid
+    codes_BPD = gen.generate(
+        cond.input_ids_BT.to(device), cond.attention_mask_BT.to(device), uncond.input_ids_BT.to(device),
+        uncond.attention_mask_BT.to(device), n_positions=h * w, cfg_scale=cfg_scale, temperature=temperature,
+        top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache,
+    )
+    codes = codes_BPD.view(len(texts), h, w, -1)
+    images = evotok.decode_pixels(codes.to(next(evotok.parameters()).device), depth=codes.shape[-1]).clamp(0, 1)
+    return images, codes
+
+
+def unknown_words(text: str) -> list[str]:
+    """Words of a prompt that no EvoShapes caption uses (the byte-level tokenizer still encodes them)."""
+    from evotok.data.evoshapes import FACTORS, SHAPE_PLURALS
+
+    vocab = {w for names in FACTORS.values() for w in names} | set(SHAPE_PLURALS.values()) | {"on", "a", "background"}
+    return [w for w in text.lower().replace(",", " ").split() if w not in vocab]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 0) -> Path:
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().cpu(), str(path), nrow=nrow or max(1, int(math.ceil(math.sqrt(len(images))))), padding=1)
+    return path
+
+
+def generate_command(run, prompt: str, n: int = 8, cfg_scale: float = 3.0, top_k: Any = 900, top_p: Any = 0.96,
+                     temperature: float = 1.0, seed: int = 0, out: str = "grid.png") -> tuple[Path, Path]:
+    """``evotok generate``: ``n`` samples of one prompt as a PNG grid and their codes (``<out>.npz``)."""
+    from evotok.lit.generation_module import load_generation
+    from evotok.models.sampling import SamplingError, check_cfg_scale, check_temperature, check_top_k, check_top_p
+
+    if n < 1:
+        raise SamplingError(f"--n must be >= 1, got {n}")
+    check_cfg_scale(cfg_scale), check_temperature(temperature)  # before loading anything
+    for k in top_k if isinstance(top_k, list) else [top_k]:
+        check_top_k(k)
+    for p in top_p if isinstance(top_p, list) else [top_p]:
+        check_top_p(p)
+    gen, tokenizer, evotok, cfg = load_generation(run)
+    if not prompt.strip():
+        print("empty prompt: these are unconditional samples (the empty user turn CFG uses as its other branch)")
+    elif unknown_words(prompt):
+        print(f"note: {', '.join(unknown_words(prompt))} never appear in the training captions; the tokenizer "
+              f"encodes them byte by byte, and the model has no meaning for them")
+    images, codes = sample_images(gen, tokenizer, evotok, [prompt.strip()] * n, cfg_scale=cfg_scale,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=torch.Generator().manual_seed(seed))
+    grid = save_grid(images, out)
+    npz = Path(out).with_suffix(".npz")
+    np.savez_compressed(npz, codes=codes.cpu().numpy().astype(np.int32), prompt=prompt, seed=seed, cfg=cfg_scale,
+                        top_k=np.asarray(top_k), top_p=np.asarray(top_p), temperature=temperature)
+    print(f"grid: {grid.resolve()}\ncodes: {npz.resolve()}")
+    return grid, npz
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples: int = 4, cfg_scale: float = 3.0,
+                     top_k: Any = 0, top_p: Any = 1.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
+                     write: bool = True, progress: bool = True) -> dict[str, float]:
+    """GenEval-style scores and gen_fd of a generation run, written to its metrics.json with the checker's
+    fingerprint; per-tag sample grids under ``<run>/figures/geneval_<tag>.png``."""
+    from tqdm.auto import tqdm
+
+    from evotok.api import load_run_teacher
+    from evotok.config import ConfigError
+    from evotok.data.sources import build_dataset
+    from evotok.eval.metrics import fid_from_features
+    from evotok.handover import locate
+    from evotok.lit.checker_module import load_checker
+    from evotok.lit.generation_module import load_generation
+    from evotok.runs import resolve_run, write_metrics
+
+    gen, tokenizer, evotok, cfg = load_generation(run)
+    checker_run = checker_run or cfg.checker.run
+    if not checker_run:
+        raise ConfigError("evotok eval geneval needs a checker: pass checker.run=<an `evotok train checker` run> "
+                          "(or set checker.run in the generation config)")
+    checker_up = locate("checker.run", checker_run)
+    checker = load_checker(checker_up.artifact)
+    prompts = [p for p in geneval_prompts(n_per_tag, seed, cfg.data.heldout_fraction) for _ in range(n_samples)]
+    g = torch.Generator().manual_seed(seed)
+    images, reads = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="geneval", unit="batch", disable=not progress):
+        chunk = prompts[i:i + batch_size]
+        imgs, _ = sample_images(gen, tokenizer, evotok, [p.text for p in chunk], cfg_scale=cfg_scale,
+                                temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        r = checker.read(imgs)
+        reads += [{f: int(v[b]) for f, v in r.items()} for b in range(len(chunk))]
+        images.append(imgs)
+    images_N = torch.cat(images)
+    scores = tag_scores(prompts, reads)
+    teacher = load_run_teacher(cfg.tokenizer.run)  # verified absolute path (load_generation)
+    real = build_dataset(cfg.data, "test")
+    real_N = torch.stack([real[i]["image"] for i in range(min(len(real), len(images_N)))])
+    with torch.no_grad():
+        scores["gen_fd"] = fid_from_features(teacher.pooled(real_N), teacher.pooled(images_N))
+    if write:
+        run_dir, ckpt = resolve_run(run)
+        for tag in TAGS:
+            idx = [i for i, p in enumerate(prompts) if p.tag == tag][:32]
+            if idx:
+                save_grid(images_N[idx], run_dir.figures / f"geneval_{tag}.png", nrow=n_samples)
+        step = int(torch.load(str(ckpt), map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+        info = {"checker": {"path": str(checker_up.path), "fingerprint": checker_up.fingerprint},
+                "prompts_per_tag": n_per_tag, "samples_per_prompt": n_samples, "cfg": cfg_scale, "top_k": top_k,
+                "top_p": top_p, "temperature": temperature, "seed": seed,
+                "gen_fd_features": f"teacher pooled embeddings ({teacher.arch}), {len(images_N)} generated vs as many "
+                                   f"real test images",
+                "examples": {t: next(p.text for p in prompts if p.tag == t) for t in {p.tag for p in prompts}}}
+        write_metrics(run_dir, "generation", step, scalars=scores, extra={"geneval": info})
+    for k, v in scores.items():
+        print(f"{k}: {v:.4f}")
+    return scores
