@@ -100,32 +100,39 @@ def cmd_eval(args) -> int:
         evaluate_benchmark(args.what, args.run, args.file, args.image_root)
     else:  # geneval
         from evotok.config import override_key
-        from evotok.eval.geneval import evaluate_geneval, parse_per_depth
+        from evotok.eval.geneval import evaluate_geneval
 
         bad = [o for o in args.overrides if override_key(o) != "checker.run"]
         if bad:
             raise ConfigError(f"evotok eval geneval takes only checker.run=RUN, got {' '.join(bad)}")
         checker = next((o.partition("=")[2] for o in args.overrides), "")
-        evaluate_geneval(args.run, checker, n_per_tag=args.prompts, n_samples=args.samples, cfg_scale=args.cfg,
-                         top_k=parse_per_depth(args.top_k, int, "top-k"), top_p=parse_per_depth(args.top_p, float, "top-p"),
-                         temperature=args.temperature, seed=args.seed)
+        evaluate_geneval(args.run, checker, n_per_tag=args.prompts, n_samples=args.samples, seed=args.seed,
+                         **_sampling_kwargs(args))
     return 0
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, top_k: str, top_p: str) -> None:
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--top-k", default=top_k, help="one value or one per depth, comma-separated (0 = off)")
-    p.add_argument("--top-p", default=top_p, help="one value or one per depth, in (0, 1]")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling settings; each one not given comes from the run's gen.* config (gen.cfg_scale, gen.top_k, ...)."""
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none; default: the "
+                                                            "run's gen.cfg_scale)")
+    p.add_argument("--top-k", default=None, help="one value or one per depth, comma-separated (0 = off; default: gen.top_k)")
+    p.add_argument("--top-p", default=None, help="one value or one per depth, in (0, 1] (default: gen.top_p)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: gen.temperature)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def cmd_generate(args) -> int:
-    from evotok.eval.geneval import generate_command, parse_per_depth
+def _sampling_kwargs(args) -> dict:
+    from evotok.eval.geneval import parse_per_depth
 
-    generate_command(args.run, args.prompt, n=args.n, cfg_scale=args.cfg, top_k=parse_per_depth(args.top_k, int, "top-k"),
-                     top_p=parse_per_depth(args.top_p, float, "top-p"), temperature=args.temperature, seed=args.seed,
-                     out=args.out)
+    return {"cfg_scale": args.cfg, "temperature": args.temperature,
+            "top_k": None if args.top_k is None else parse_per_depth(args.top_k, int, "top-k"),
+            "top_p": None if args.top_p is None else parse_per_depth(args.top_p, float, "top-p")}
+
+
+def cmd_generate(args) -> int:
+    from evotok.eval.geneval import generate_command
+
+    generate_command(args.run, args.prompt, n=args.n, seed=args.seed, out=args.out, **_sampling_kwargs(args))
     return 0
 
 
@@ -267,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default="", help="pope / mme: the folder the file's image names are under")
     p.add_argument("--prompts", type=int, default=16, help="geneval: prompts per tag")
     p.add_argument("--samples", type=int, default=4, help="geneval: samples per prompt")
-    _add_sampling_args(p, top_k="0", top_p="1.0")
+    _add_sampling_args(p)
     p.set_defaults(accepts_overrides=True)
     p.epilog = "key=value data overrides may follow, e.g. data.source=realphotos; geneval: checker.run=RUN."
     p.set_defaults(func=cmd_eval)
@@ -301,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arg(p)
     p.add_argument("prompt", nargs="?", default="", help="the prompt; empty = unconditional samples")
     p.add_argument("--n", type=int, default=8, help="samples")
-    _add_sampling_args(p, top_k="900", top_p="0.96")
+    _add_sampling_args(p)
     p.add_argument("--out", default="grid.png", help="PNG grid; the codes go to the same name with .npz")
     p.set_defaults(func=cmd_generate)
 

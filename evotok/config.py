@@ -160,9 +160,10 @@ class GenConfig:
     depth_width: int = 128
     depth_heads: int = 4
     caption_dropout: float = 0.1  # empty prompt in training: the unconditional branch of CFG
+    # sampling defaults of `evotok generate` / `evotok eval geneval` (the paper's: CFG 3.0, top-k 900, top-p 0.96)
     cfg_scale: float = 3.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
+    top_k: int = 900  # 0 = off
+    top_p: float = 0.96
     temperature: float = 1.0
 
 
@@ -599,6 +600,12 @@ def validate(cfg: Config, stage: Optional[str] = None) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
+    g = cfg.gen
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"config key 'gen.top_p' must be in (0, 1], got {g.top_p}")
+    for key, v in (("gen.top_k", g.top_k), ("gen.temperature", g.temperature), ("gen.cfg_scale", g.cfg_scale)):
+        if v < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
     if not 0.0 <= cfg.gen.caption_dropout < 1.0:
         raise ConfigError(f"config key 'gen.caption_dropout' must be in [0, 1), got {cfg.gen.caption_dropout}")
     for key in ("mllm.phase", "gen.phase"):

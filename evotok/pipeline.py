@@ -119,7 +119,7 @@ def run_pipeline(name: str, overrides: Sequence[str] = ()) -> dict[str, Path]:
             from evotok.eval.geneval import evaluate_geneval
 
             evaluate_geneval(runs[step["stage"]], str(runs.get("checker", "")), n_per_tag=step.get("prompts", 16),
-                             n_samples=step.get("samples", 4), cfg_scale=step.get("cfg", 3.0))
+                             n_samples=step.get("samples", 4))
         elif kind == "figures":
             from analysis.make_figures import make_figures
 

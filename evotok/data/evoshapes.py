@@ -112,15 +112,19 @@ def qa_pairs(labels: Mapping[str, int]) -> list[dict]:
     return [{"type": t, "question": _QUESTIONS[t], "answer": _name(t, labels)} for t in QA_TYPES]
 
 
-def conversation(labels: Mapping[str, int], kind: str = "qa") -> list[dict]:
+def conversation(labels: Mapping[str, int], kind: str = "qa", order: int = 0) -> list[dict]:
     """LLaVA-style conversation of an item: ``qa`` = every question of :func:`qa_pairs` as one round each, the
-    image in the first (LLaVA-665k style); ``caption`` = one round asking for the full caption (LLaVA-558k style)."""
+    image in the first (LLaVA-665k style), the rounds in the ``order``-th rotation-and-shuffle of QA_TYPES (items
+    pass their index: every question type comes first about equally often, so a model does not learn which type
+    follows the image); ``caption`` = one round asking for the full caption (LLaVA-558k style)."""
     if kind == "caption":
         return [{"from": "human", "value": "<image>\n" + CAPTION_QUESTION}, {"from": "gpt", "value": caption(labels)}]
     if kind != "qa":
         raise ValueError(f"config key 'data.conversations' = {kind!r} is not one of {', '.join(CONVERSATION_KINDS)}")
+    qa = qa_pairs(labels)
+    perm = np.random.default_rng(int(order)).permutation(len(qa))
     out = []
-    for i, q in enumerate(qa_pairs(labels)):
+    for i, q in enumerate(qa[j] for j in perm):
         out += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q["question"]},
                 {"from": "gpt", "value": q["answer"]}]
     return out
@@ -490,7 +494,7 @@ class EvoShapes(Dataset):
             "caption": caption(lab),
             "caption_sem": semantic_caption(lab),
             "qa": qa_pairs(lab),
-            "conversations": conversation(lab, self.conversation_kind),
+            "conversations": conversation(lab, self.conversation_kind, order=i * 7919 + self.params.seed),
             "task": "",
             "index": i,
             "source": "evoshapes",

@@ -140,32 +140,52 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 0) -> Path:
     return path
 
 
-def generate_command(run, prompt: str, n: int = 8, cfg_scale: float = 3.0, top_k: Any = 900, top_p: Any = 0.96,
-                     temperature: float = 1.0, seed: int = 0, out: str = "grid.png") -> tuple[Path, Path]:
-    """``evotok generate``: ``n`` samples of one prompt as a PNG grid and their codes (``<out>.npz``)."""
+def sampling_settings(cfg, cfg_scale=None, top_k=None, top_p=None, temperature=None) -> dict[str, Any]:
+    """The given sampling settings, each one left None taken from the run's ``gen.*`` config."""
+    g = cfg.gen
+    return {"cfg_scale": g.cfg_scale if cfg_scale is None else cfg_scale, "top_k": g.top_k if top_k is None else top_k,
+            "top_p": g.top_p if top_p is None else top_p,
+            "temperature": g.temperature if temperature is None else temperature}
+
+
+def _check_settings(cfg_scale, top_k, top_p, temperature) -> None:
+    from evotok.models.sampling import check_cfg_scale, check_temperature, check_top_k, check_top_p
+
+    for v, check in ((cfg_scale, check_cfg_scale), (temperature, check_temperature)):
+        if v is not None:
+            check(v)
+    for k in top_k if isinstance(top_k, list) else [top_k]:
+        if k is not None:
+            check_top_k(k)
+    for p in top_p if isinstance(top_p, list) else [top_p]:
+        if p is not None:
+            check_top_p(p)
+
+
+def generate_command(run, prompt: str, n: int = 8, cfg_scale: Optional[float] = None, top_k: Any = None,
+                     top_p: Any = None, temperature: Optional[float] = None, seed: int = 0,
+                     out: str = "grid.png") -> tuple[Path, Path]:
+    """``evotok generate``: ``n`` samples of one prompt as a PNG grid and their codes (``<out>.npz``); sampling
+    settings left None come from the run's ``gen.*`` config."""
     from evotok.lit.generation_module import load_generation
-    from evotok.models.sampling import SamplingError, check_cfg_scale, check_temperature, check_top_k, check_top_p
+    from evotok.models.sampling import SamplingError
 
     if n < 1:
         raise SamplingError(f"--n must be >= 1, got {n}")
-    check_cfg_scale(cfg_scale), check_temperature(temperature)  # before loading anything
-    for k in top_k if isinstance(top_k, list) else [top_k]:
-        check_top_k(k)
-    for p in top_p if isinstance(top_p, list) else [top_p]:
-        check_top_p(p)
+    _check_settings(cfg_scale, top_k, top_p, temperature)  # before loading anything
     gen, tokenizer, evotok, cfg = load_generation(run)
+    st = sampling_settings(cfg, cfg_scale, top_k, top_p, temperature)
     if not prompt.strip():
         print("empty prompt: these are unconditional samples (the empty user turn CFG uses as its other branch)")
     elif unknown_words(prompt):
         print(f"note: {', '.join(unknown_words(prompt))} never appear in the training captions; the tokenizer "
               f"encodes them byte by byte, and the model has no meaning for them")
-    images, codes = sample_images(gen, tokenizer, evotok, [prompt.strip()] * n, cfg_scale=cfg_scale,
-                                  temperature=temperature, top_k=top_k, top_p=top_p,
+    images, codes = sample_images(gen, tokenizer, evotok, [prompt.strip()] * n, **st,
                                   generator=torch.Generator().manual_seed(seed))
     grid = save_grid(images, out)
     npz = Path(out).with_suffix(".npz")
-    np.savez_compressed(npz, codes=codes.cpu().numpy().astype(np.int32), prompt=prompt, seed=seed, cfg=cfg_scale,
-                        top_k=np.asarray(top_k), top_p=np.asarray(top_p), temperature=temperature)
+    np.savez_compressed(npz, codes=codes.cpu().numpy().astype(np.int32), prompt=prompt, seed=seed, cfg=st["cfg_scale"],
+                        top_k=np.asarray(st["top_k"]), top_p=np.asarray(st["top_p"]), temperature=st["temperature"])
     print(f"grid: {grid.resolve()}\ncodes: {npz.resolve()}")
     return grid, npz
 
@@ -173,11 +193,13 @@ def generate_command(run, prompt: str, n: int = 8, cfg_scale: float = 3.0, top_k
 # -------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples: int = 4, cfg_scale: float = 3.0,
-                     top_k: Any = 0, top_p: Any = 1.0, temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
-                     write: bool = True, progress: bool = True) -> dict[str, float]:
+def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples: int = 4,
+                     cfg_scale: Optional[float] = None, top_k: Any = None, top_p: Any = None,
+                     temperature: Optional[float] = None, seed: int = 0, batch_size: int = 32, write: bool = True,
+                     progress: bool = True) -> dict[str, float]:
     """GenEval-style scores and gen_fd of a generation run, written to its metrics.json with the checker's
-    fingerprint; per-tag sample grids under ``<run>/figures/geneval_<tag>.png``."""
+    fingerprint; per-tag sample grids under ``<run>/figures/geneval_<tag>.png``. Sampling settings left None come
+    from the run's ``gen.*`` config."""
     from tqdm.auto import tqdm
 
     from evotok.api import load_run_teacher
@@ -189,7 +211,9 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
     from evotok.lit.generation_module import load_generation
     from evotok.runs import resolve_run, write_metrics
 
+    _check_settings(cfg_scale, top_k, top_p, temperature)
     gen, tokenizer, evotok, cfg = load_generation(run)
+    st = sampling_settings(cfg, cfg_scale, top_k, top_p, temperature)
     checker_run = checker_run or cfg.checker.run
     if not checker_run:
         raise ConfigError("evotok eval geneval needs a checker: pass checker.run=<an `evotok train checker` run> "
@@ -201,8 +225,7 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
     images, reads = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc="geneval", unit="batch", disable=not progress):
         chunk = prompts[i:i + batch_size]
-        imgs, _ = sample_images(gen, tokenizer, evotok, [p.text for p in chunk], cfg_scale=cfg_scale,
-                                temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
+        imgs, _ = sample_images(gen, tokenizer, evotok, [p.text for p in chunk], **st, generator=g)
         r = checker.read(imgs)
         reads += [{f: int(v[b]) for f, v in r.items()} for b in range(len(chunk))]
         images.append(imgs)
@@ -221,8 +244,7 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
                 save_grid(images_N[idx], run_dir.figures / f"geneval_{tag}.png", nrow=n_samples)
         step = int(torch.load(str(ckpt), map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
         info = {"checker": {"path": str(checker_up.path), "fingerprint": checker_up.fingerprint},
-                "prompts_per_tag": n_per_tag, "samples_per_prompt": n_samples, "cfg": cfg_scale, "top_k": top_k,
-                "top_p": top_p, "temperature": temperature, "seed": seed,
+                "prompts_per_tag": n_per_tag, "samples_per_prompt": n_samples, **st, "seed": seed,
                 "gen_fd_features": f"teacher pooled embeddings ({teacher.arch}), {len(images_N)} generated vs as many "
                                    f"real test images",
                 "examples": {t: next(p.text for p in prompts if p.tag == t) for t in {p.tag for p in prompts}}}
