@@ -190,13 +190,27 @@ def render_generation(results: Path) -> str:
         return _missing("evotok pipeline mllm_tiny")
     s = data["scalars"]
     tags = [k.split("/", 1)[1] for k in s if k.startswith("geneval/")]
-    rows = ["| tag | score | example prompt |", "|---|---|---|"]
+    rows = ["| tag | score | ceiling | example prompt |", "|---|---|---|---|"]
     examples = (data.get("geneval") or {}).get("examples", {})
     for t in tags:
-        rows.append(f"| {t} | {_fmt(s[f'geneval/{t}'], 3)} | {examples.get(t, '')} |")
+        rows.append(f"| {t} | {_fmt(s[f'geneval/{t}'], 3)} | {_fmt(s.get(f'geneval_ceiling/{t}'), 3)} | "
+                    f"{examples.get(t, '')} |")
     extra = ""
     if "gen_fd" in s:
-        extra = f"\nFréchet distance to real test images (teacher features): {s['gen_fd']:.3g}.\n"
+        extra = (f"\nFréchet distance to real test images (teacher features): {s['gen_fd']:.3g}"
+                 + (f" (ceiling: {s['gen_fd_ceiling']:.3g})" if "gen_fd_ceiling" in s else "") + ".\n")
+    info = data.get("geneval") or {}
+    if "prompts_per_tag" in info:
+        extra += (f"\n{info['prompts_per_tag']} prompts per tag x {info['samples_per_prompt']} samples; CFG "
+                  f"{info.get('cfg_scale')}, top-k {info.get('top_k')}, top-p {info.get('top_p')}, temperature "
+                  f"{info.get('temperature')}, seed {info.get('seed')}. Ceiling: the same prompts scored on the "
+                  f"tokenizer's Lpix reconstructions of matching real images.\n")
+    read = [(k.split("/", 1)[1], v) for k, v in s.items() if k.startswith("readout/")]
+    if read:
+        from evotok.data.evoshapes import FACTORS
+
+        extra += ("\nPrompt read-out by likelihood (real test images; chance in brackets): "
+                  + ", ".join(f"{f} {v:.2f} ({1 / len(FACTORS[f]):.2f})" for f, v in read) + ".\n")
     ce = [f"depth {k}: {s[f'ce_depth{k}']:.3f}" for k in range(1, 17) if f"ce_depth{k}" in s]
     if ce:
         extra += f"\nValidation cross-entropy per depth: {', '.join(ce)}.\n"

@@ -53,7 +53,12 @@ def test_every_stage_on_evoshapes(cache_dir, stage):
         _check_batch(next(iter(loader)), stage, 8)
     if stage == "understanding":
         b = next(iter(dm.val_dataloader()))
-        assert all("<image>" in c[0]["value"] and c[1]["value"] == qa[0]["answer"] for c, qa in zip(b["conversations"], b["qa"]))
+        for c, qa in zip(b["conversations"], b["qa"]):
+            assert "<image>" in c[0]["value"] and sum("<image>" in m["value"] for m in c) == 1
+            rounds = {(c[i]["value"].replace("<image>\n", ""), c[i + 1]["value"]) for i in range(0, len(c), 2)}
+            assert rounds == {(q["question"], q["answer"]) for q in qa}
+        firsts = {c[0]["value"] for c in b["conversations"]}
+        assert len(firsts) > 1, "every item asks the same question first"
     if stage == "lm":
         b = next(iter(dm.val_dataloader()))
         assert all("\n" in t and "background" in t for t in b["text"])

@@ -100,15 +100,71 @@ def test_bad_sampling_arguments_are_one_line(runs, tmp_path, capsys, extra, need
 
 @pytest.mark.slow
 def test_geneval_scores_every_tag_and_the_fd(runs):
+    from evotok.data.evoshapes import FACTOR_KEYS
     from evotok.eval.geneval import TAGS, evaluate_geneval
 
-    scores = evaluate_geneval(runs["p2"].path, n_per_tag=1, n_samples=2, batch_size=16, progress=False)
-    assert set(scores) == {f"geneval/{t}" for t in TAGS} | {"geneval/overall", "gen_fd"}
-    tags = [scores[f"geneval/{t}"] for t in TAGS]
-    assert scores["geneval/overall"] == pytest.approx(sum(tags) / len(tags)) and scores["gen_fd"] >= 0
+    scores = evaluate_geneval(runs["p2"].path, n_per_tag=1, n_samples=2, batch_size=16, progress=False,
+                              readout_images=8)
+    for kind in ("geneval", "geneval_ceiling"):
+        tags = [scores[f"{kind}/{t}"] for t in TAGS]
+        assert scores[f"{kind}/overall"] == pytest.approx(sum(tags) / len(tags))
+    assert set(scores) == ({f"{k}/{t}" for k in ("geneval", "geneval_ceiling") for t in (*TAGS, "overall")}
+                           | {"gen_fd", "gen_fd_ceiling"} | {f"readout/{f}" for f in FACTOR_KEYS})
+    assert all(0.0 <= scores[f"readout/{f}"] <= 1.0 for f in FACTOR_KEYS)
+    assert scores["gen_fd"] >= 0 and scores["gen_fd_ceiling"] >= 0
     stored = json.loads(runs["p2"].metrics.read_text())
     assert stored["geneval"]["checker"]["fingerprint"].startswith("sha256:")
-    assert (runs["p2"].figures / "geneval_heldout.png").is_file()
+    assert (runs["p2"].figures / "geneval_heldout.png").is_file() and (runs["p2"].figures / "geneval_tags.png").is_file()
+
+
+def test_likelihood_readout_tells_a_prompt_following_model_from_one_that_ignores_prompts():
+    from types import SimpleNamespace
+
+    from evotok.data.evoshapes import FACTORS, caption
+    from evotok.eval.geneval import likelihood_readout
+    from evotok.models.lm import train_text_tokenizer
+
+    shapes = FACTORS["shape"]
+    tokenizer = train_text_tokenizer([caption({"shape": c, "count": n, "color": 0, "texture": 0, "background": 0})
+                                      for c in range(len(shapes)) for n in range(3)], vocab_size=400)
+    K = len(shapes)
+
+    class FakeGenerator(torch.nn.Module):
+        """Codes of one position and depth; the likelihood of code c is high when the prompt names shape c."""
+
+        def __init__(self, follows: bool):
+            super().__init__()
+            self.config, self.follows, self.w = SimpleNamespace(lpix=1), follows, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids_BT, mask_BT, codes_BHWD):
+            logits = torch.zeros(len(ids_BT), 1, 1, K)
+            for b, ids in enumerate(ids_BT):
+                text = tokenizer.decode(ids[mask_BT[b].bool()])
+                named = [c for c, name in enumerate(shapes) if f" {name}" in text or f"\n{name}" in text]
+                if self.follows and named:
+                    logits[b, 0, 0, named[-1]] = 5.0
+            return SimpleNamespace(logits=logits)
+
+    evotok = SimpleNamespace(encode=lambda x: x[:, :1, :1, :1].long().permute(0, 2, 3, 1))  # the code = the label
+    labels = [{"shape": c % K, "count": 0, "color": 1, "texture": 2, "background": 3} for c in range(16)]
+    images = torch.tensor([float(lab["shape"]) for lab in labels]).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    follows = likelihood_readout(FakeGenerator(True), tokenizer, evotok, images, labels, factors=("shape",), batch_size=5)
+    ignores = likelihood_readout(FakeGenerator(False), tokenizer, evotok, images, labels, factors=("shape",))
+    assert follows == {"readout/shape": 1.0}
+    assert ignores == {"readout/shape": pytest.approx(2 / 16)}  # ties read as class 0: the images of shape 0
+
+
+def test_ceiling_draws_real_items_that_match_each_prompt():
+    from evotok.data.evoshapes import FACTOR_KEYS
+    from evotok.eval.geneval import Prompt, matching_items
+
+    labels_NF = np.array([[0, 0, 1, 0, 0], [2, 1, 3, 0, 0], [2, 0, 3, 1, 0], [2, 2, 3, 1, 1]])  # shape count color tex bg
+    prompts = [Prompt("colors", "", {"color": 3, "shape": 2}), Prompt("texture", "", {"texture": 1, "shape": 2}),
+               Prompt("single_object", "", {"shape": 0}), Prompt("colors", "", {"color": 0, "shape": 0})]
+    draws = [matching_items(prompts, labels_NF, seed) for seed in range(20)]
+    assert {d[0] for d in draws} == {1, 2, 3} and {d[1] for d in draws} == {2, 3}
+    assert all(d[2] == 0 and d[3] == -1 for d in draws)  # the only match / none
+    assert FACTOR_KEYS[:3] == ("shape", "count", "color")
 
 
 def test_geneval_prompts_and_scoring():

@@ -100,8 +100,13 @@ def test_depth_transformer_step_matches_teacher_forcing():
     head = _head()
     ctx, codes = torch.randn(5, 24), torch.randint(0, K, (5, D))
     full = head(ctx, codes)
+    cache = head.eval().cache(ctx)
     for k in range(D):
         torch.testing.assert_close(head.logits_at(ctx, codes[:, :k]), full[:, k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.logits(), full[:, k], rtol=1e-5, atol=1e-5)  # keys/values kept
+        cache.push(codes[:, k])
+    with pytest.raises(ValueError, match="all 4 depths"):
+        cache.logits()
 
 
 def test_cumulative_code_vectors_sum_codebook_rows():

@@ -18,6 +18,17 @@ Each prompt is sampled several times; an image is correct when every factor its 
 the checker (a ``checker`` run). Per-tag score = the fraction of correct images; overall = the mean over tags,
 as GenEval sums up. ``gen_fd``: Fréchet distance between the generated images and as many real test images, in
 the teacher's pooled feature space (the tokenizer run's teacher).
+
+The generator emits codes, and its pixels come from the tokenizer's decoder at Lpix, so what the checker can
+read is bounded by that decoder. ``geneval_ceiling/<tag>`` scores the same prompts on the Lpix reconstructions
+of real images whose labels match each prompt (test split; held-out pairs from the held-out split): the score a
+generator that emits a real image's codes exactly would get. ``gen_fd_ceiling``: the same Fréchet distance for
+the Lpix reconstructions of other real test images.
+
+``readout/<factor>`` separates prompt adherence from sampling: for real test images, the teacher-forced
+likelihood of their codes under one prompt per class of the factor (naming that class and the true shape) picks
+a class; the score is the fraction of images whose true class has the highest likelihood (chance: one over the
+number of classes). A model that ignores its prompt reads at chance whatever the sampling settings.
 """
 
 from __future__ import annotations
@@ -87,6 +98,90 @@ def tag_scores(prompts: Sequence[Prompt], reads: Sequence[dict[str, int]]) -> di
 # --------------------------------------------------------------------------------------------- sampling
 
 
+def matching_items(prompts: Sequence[Prompt], labels_NF: np.ndarray, seed: int = 0) -> list[int]:
+    """For each prompt, the index of a row of ``labels_NF`` (columns FACTOR_KEYS) whose labels match every factor
+    the prompt names, drawn at random (deterministic for ``seed``); -1 where no row matches."""
+    from evotok.data.evoshapes import FACTOR_KEYS
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in prompts:
+        ok = np.ones(len(labels_NF), dtype=bool)
+        for f, v in p.want.items():
+            ok &= labels_NF[:, FACTOR_KEYS.index(f)] == int(v)
+        rows = np.flatnonzero(ok)
+        out.append(int(rows[rng.integers(len(rows))]) if len(rows) else -1)
+    return out
+
+
+@torch.no_grad()
+def lpix_reconstructions(evotok, images_BCHW: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Real images through the tokenizer and back out of its pixel decoder at Lpix, in [0, 1]."""
+    device = next(evotok.parameters()).device
+    out = []
+    for i in range(0, len(images_BCHW), batch_size):
+        codes = evotok.encode(images_BCHW[i:i + batch_size].to(device))
+        out.append(evotok.decode_pixels(codes[..., :evotok.lpix], depth=evotok.lpix).clamp(0, 1).cpu())
+    return torch.cat(out) if out else images_BCHW.new_zeros(0, *images_BCHW.shape[1:])
+
+
+def ceiling_scores(prompts: Sequence[Prompt], checker, evotok, data_cfg, seed: int = 0) -> dict[str, float]:
+    """``geneval_ceiling/<tag>`` and ``/overall``: :func:`tag_scores` of the checker's reading of the Lpix
+    reconstructions of real images that match each prompt (test split; the held-out tag from the held-out
+    split). A prompt no real image matches counts as wrong."""
+    from evotok.data.evoshapes import FACTOR_KEYS
+    from evotok.data.sources import build_dataset
+
+    reads: list[dict[str, int]] = [{}] * len(prompts)
+    for split, tags in (("test", set(TAGS) - {"heldout"}), ("heldout", {"heldout"})):
+        which = [i for i, p in enumerate(prompts) if p.tag in tags]
+        if not which:
+            continue
+        ds = build_dataset(data_cfg, split)
+        rows = matching_items([prompts[i] for i in which], np.asarray(ds.labels_NF), seed)
+        have = [(i, r) for i, r in zip(which, rows) if r >= 0]
+        if not have:
+            continue
+        recon = lpix_reconstructions(evotok, torch.stack([ds[r]["image"] for _, r in have]))
+        got = checker.read(recon)
+        for b, (i, _) in enumerate(have):
+            reads[i] = {f: int(v[b]) for f, v in got.items()}
+    never = {f: -1 for f in FACTOR_KEYS}
+    scores = tag_scores(prompts, [r or never for r in reads])
+    return {k.replace("geneval/", "geneval_ceiling/"): v for k, v in scores.items()}
+
+
+@torch.no_grad()
+def likelihood_readout(gen, tokenizer, evotok, images_BCHW: torch.Tensor, labels: Sequence[dict],
+                       factors: Sequence[str] = ("shape", "count", "color", "texture", "background"),
+                       batch_size: int = 64) -> dict[str, float]:
+    """``readout/<factor>``: the fraction of images whose true class of ``factor`` gives their codes the highest
+    likelihood among prompts naming each class (and the true shape); see the module docstring."""
+    from evotok.data.evoshapes import FACTORS, partial_caption
+    from evotok.models.conversation import collate_encoded, encode_generation_prompt
+
+    device = next(gen.parameters()).device
+    codes = torch.cat([evotok.encode(images_BCHW[i:i + batch_size].to(device))
+                       for i in range(0, len(images_BCHW), batch_size)])
+    D = gen.config.lpix
+    out = {}
+    for f in factors:
+        nll_NC = torch.zeros(len(labels), len(FACTORS[f]))
+        for c in range(len(FACTORS[f])):
+            texts = [partial_caption({**lab, f: c}, tuple({f, "shape"})) for lab in labels]
+            for i in range(0, len(texts), batch_size):
+                p = collate_encoded([encode_generation_prompt(t, tokenizer) for t in texts[i:i + batch_size]],
+                                    tokenizer.pad_token_id, side="right")
+                chunk = codes[i:i + batch_size]
+                logits = gen(p.input_ids_BT.to(device), p.attention_mask_BT.to(device), chunk).logits
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 2).float(), chunk[..., :D].reshape(-1),
+                                                        reduction="none")
+                nll_NC[i:i + len(chunk), c] = nll.view(len(chunk), -1).sum(dim=1).cpu()
+        truth = torch.tensor([int(lab[f]) for lab in labels])
+        out[f"readout/{f}"] = float((nll_NC.argmin(dim=1) == truth).float().mean())
+    return out
+
+
 def parse_per_depth(text: str, kind: type, name: str) -> Any:
     """'900' -> 900; '900,500,200,100' -> [900, 500, 200, 100] (one per depth)."""
     from evotok.models.sampling import SamplingError
@@ -137,6 +232,27 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().cpu(), str(path), nrow=nrow or max(1, int(math.ceil(math.sqrt(len(images))))), padding=1)
+    return path
+
+
+def save_tag_figure(blocks: dict[str, torch.Tensor], path: str | Path, nrow: int) -> Path:
+    """One labelled panel per tag, side by side: each panel a grid of that tag's images (``nrow`` per row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(blocks), figsize=(2.4 * len(blocks), 2.8), squeeze=False)
+    for ax, (tag, imgs) in zip(axes[0], blocks.items()):
+        ax.imshow(make_grid(imgs.float().cpu(), nrow=nrow, padding=1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(tag, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
     return path
 
 
@@ -196,7 +312,7 @@ def generate_command(run, prompt: str, n: int = 8, cfg_scale: Optional[float] = 
 def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples: int = 4,
                      cfg_scale: Optional[float] = None, top_k: Any = None, top_p: Any = None,
                      temperature: Optional[float] = None, seed: int = 0, batch_size: int = 32, write: bool = True,
-                     progress: bool = True) -> dict[str, float]:
+                     progress: bool = True, readout_images: int = 128) -> dict[str, float]:
     """GenEval-style scores and gen_fd of a generation run, written to its metrics.json with the checker's
     fingerprint; per-tag sample grids under ``<run>/figures/geneval_<tag>.png``. Sampling settings left None come
     from the run's ``gen.*`` config."""
@@ -235,18 +351,36 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
     real = build_dataset(cfg.data, "test")
     real_N = torch.stack([real[i]["image"] for i in range(min(len(real), len(images_N)))])
     with torch.no_grad():
-        scores["gen_fd"] = fid_from_features(teacher.pooled(real_N), teacher.pooled(images_N))
+        feats_real = teacher.pooled(real_N)
+        scores["gen_fd"] = fid_from_features(feats_real, teacher.pooled(images_N))
+        others = range(len(real_N), min(len(real), 2 * len(real_N)))  # other real images, through the tokenizer
+        if len(others) > 1:
+            recon = lpix_reconstructions(evotok, torch.stack([real[i]["image"] for i in others]))
+            scores["gen_fd_ceiling"] = fid_from_features(feats_real, teacher.pooled(recon))
+    scores.update(ceiling_scores(prompts, checker, evotok, cfg.data, seed))
+    n_read = min(len(real), readout_images)
+    if n_read:
+        scores.update(likelihood_readout(gen, tokenizer, evotok, torch.stack([real[i]["image"] for i in range(n_read)]),
+                                         [real.labels(i) for i in range(n_read)]))
     if write:
         run_dir, ckpt = resolve_run(run)
+        panels = {}
         for tag in TAGS:
             idx = [i for i, p in enumerate(prompts) if p.tag == tag][:32]
             if idx:
                 save_grid(images_N[idx], run_dir.figures / f"geneval_{tag}.png", nrow=n_samples)
+                panels[tag] = images_N[idx[:4 * n_samples]]
+        if panels:  # the first four prompts of every tag, one row per prompt
+            save_tag_figure(panels, run_dir.figures / "geneval_tags.png", nrow=n_samples)
         step = int(torch.load(str(ckpt), map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
         info = {"checker": {"path": str(checker_up.path), "fingerprint": checker_up.fingerprint},
                 "prompts_per_tag": n_per_tag, "samples_per_prompt": n_samples, **st, "seed": seed,
                 "gen_fd_features": f"teacher pooled embeddings ({teacher.arch}), {len(images_N)} generated vs as many "
                                    f"real test images",
+                "ceiling": "geneval_ceiling/* and gen_fd_ceiling: the same scores for the tokenizer's Lpix "
+                           "reconstructions of real images (the prompt's factors, for geneval_ceiling)",
+                "readout": f"readout/*: per factor, the fraction of {n_read} real test images whose true class "
+                           f"gives their codes the highest likelihood among one prompt per class",
                 "examples": {t: next(p.text for p in prompts if p.tag == t) for t in {p.tag for p in prompts}}}
         write_metrics(run_dir, "generation", step, scalars=scores, extra={"geneval": info})
     for k, v in scores.items():

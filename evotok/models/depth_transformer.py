@@ -96,6 +96,45 @@ class _Block(nn.Module):
         x_NSC = x_NSC + self.drop(self.proj(a.transpose(1, 2).reshape(N, S, C)))
         return x_NSC + self.drop(self.mlp(self.ln2(x_NSC)))
 
+    def step(self, x_N1C: Tensor, kv: list) -> Tensor:
+        """Inference: one new depth token attending to itself and the earlier depths, whose keys and values
+        ``kv`` holds (``[]`` at depth 0; extended in place)."""
+        N, _, C = x_N1C.shape
+        q, k, v = self.qkv(self.ln1(x_N1C)).view(N, 1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if kv:
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        kv[:] = [k, v]
+        a = F.scaled_dot_product_attention(q, k, v)  # the newest token may see every cached one
+        x_N1C = x_N1C + self.proj(a.transpose(1, 2).reshape(N, 1, C))
+        return x_N1C + self.mlp(self.ln2(x_N1C))
+
+
+class DepthCache:
+    """Depth-by-depth sampling state of one batch of positions: the context projection computed once, each
+    block's keys and values of the depths so far, and z_k. ``logits()`` gives depth k's logits (N, K);
+    ``push(codes_N)`` appends depth k's codes. Equals :meth:`DepthTransformer.logits_at` on the same prefix
+    (eval mode), without recomputing the prefix."""
+
+    def __init__(self, head: "DepthTransformer", context_NC: Tensor):
+        self.head, self.k = head, 0
+        self.ctx_N1C = head.ctx_proj(context_NC.to(head.ctx_proj.weight.dtype))[:, None]
+        self.z_Nd = self.ctx_N1C.new_zeros(len(context_NC), head.config.code_dim)
+        self.kv: list[list] = [[] for _ in head.blocks]
+
+    def logits(self) -> Tensor:
+        h = self.head
+        if self.k >= h.config.depth:
+            raise ValueError(f"all {h.config.depth} depths are sampled")
+        code_in = h.code_proj(self.z_Nd)[:, None] if self.k else torch.zeros_like(self.ctx_N1C)
+        x = self.ctx_N1C + code_in + h.depth_emb_DC[self.k]
+        for block, kv in zip(h.blocks, self.kv):
+            x = block.step(x, kv)
+        return h.ln_f(x[:, 0]) @ h.head_w_DCK[self.k] + h.head_b_DK[self.k]
+
+    def push(self, codes_N: Tensor) -> None:
+        self.z_Nd = self.z_Nd + self.head.codebooks_DKd[self.k, codes_N]
+        self.k += 1
+
 
 class DepthTransformer(nn.Module):
     """Causal transformer over the D code depths of one position; see the module docstring.
@@ -147,8 +186,12 @@ class DepthTransformer(nn.Module):
         return torch.einsum("ndc,dck->ndk", h_NDC, self.head_w_DCK) + self.head_b_DK
 
     def logits_at(self, context_NC: Tensor, codes_prefix_Nk: Tensor) -> Tensor:
-        """Sampling step: logits (N, K) of depth k = codes_prefix_Nk.shape[1] (0 <= k < D). The prefix is
-        recomputed rather than cached: D is 4 here and the head is small."""
+        """Sampling step: logits (N, K) of depth k = codes_prefix_Nk.shape[1] (0 <= k < D), the prefix
+        recomputed (the reference :meth:`cache` is tested against)."""
         k = codes_prefix_Nk.shape[1]
         h_NC = self._hidden(context_NC, codes_prefix_Nk)[:, -1]
         return h_NC @ self.head_w_DCK[k] + self.head_b_DK[k]
+
+    def cache(self, context_NC: Tensor) -> DepthCache:
+        """Sampling with keys and values kept across depths (see :class:`DepthCache`)."""
+        return DepthCache(self, context_NC)

@@ -163,18 +163,22 @@ class ImageGenerator(nn.Module):
     # -- sampling ---------------------------------------------------------------------------------------
     def _sample_depths(
         self, hidden_RH: Tensor, cfg_scale: Optional[float], temperature: float,
-        top_k_D: list, top_p_D: list, generator: Optional[torch.Generator],
+        top_k_D: list, top_p_D: list, generator: Optional[torch.Generator], use_cache: bool = True,
     ) -> Tensor:
         """Codes (B, D) of one position from its LM hidden states: R = 2B rows [cond; uncond] when
-        ``cfg_scale`` is given, else R = B conditional rows."""
+        ``cfg_scale`` is given, else R = B conditional rows. ``use_cache``: the depth transformer keeps its keys
+        and values across depths (else it recomputes the prefix at every depth)."""
         codes_RD = hidden_RH.new_zeros(hidden_RH.shape[0], 0, dtype=torch.long)
+        cache = self.head.cache(hidden_RH) if use_cache else None
         for k in range(self.config.lpix):
-            logits = self.head.logits_at(hidden_RH, codes_RD)
+            logits = cache.logits() if cache is not None else self.head.logits_at(hidden_RH, codes_RD)
             if cfg_scale is not None:
                 logits = cfg_logits(logits, cfg_scale)
             ids_B = sample(logits, temperature, top_k_D[k], top_p_D[k], generator)
             if cfg_scale is not None:
                 ids_B = ids_B.repeat(2)
+            if cache is not None:
+                cache.push(ids_B)
             codes_RD = torch.cat([codes_RD, ids_B[:, None]], dim=1)
         return codes_RD[: codes_RD.shape[0] // 2] if cfg_scale is not None else codes_RD
 
@@ -199,8 +203,8 @@ class ImageGenerator(nn.Module):
         ``uncond_*``: the unconditional prompts (B rows, or 1 row for all, e.g. an empty turn), needed
         when ``cfg_scale != 1``. At ``cfg_scale == 1`` CFG is the conditional logits exactly, so the
         unconditional half is not run and the result is the same with or without it. top_k / top_p:
-        one value or one per depth. ``use_cache=False`` re-runs the whole sequence at every position
-        (the reference the KV cache is tested against). Deterministic for a fixed ``generator``.
+        one value or one per depth. ``use_cache=False`` re-runs the whole sequence at every position and
+        the depth transformer's prefix at every depth (the reference the KV caches are tested against). Deterministic for a fixed ``generator``.
         """
         D = self.config.lpix
         cfg_scale, temperature = check_cfg_scale(cfg_scale), check_temperature(temperature)
@@ -236,7 +240,7 @@ class ImageGenerator(nn.Module):
         out = []
         for p in range(n_positions):
             codes_BD = self._sample_depths(
-                hidden_RH, cfg_scale if guided else None, temperature, top_k_D, top_p_D, generator
+                hidden_RH, cfg_scale if guided else None, temperature, top_k_D, top_p_D, generator, use_cache
             )
             out.append(codes_BD)
             if p == n_positions - 1:
