@@ -227,7 +227,10 @@ def render_bench_generate(results: Path) -> str:
     return "\n".join(rows) + (
         f"\n\nBatch {data['batch']}, {data['positions']} positions x {data['depths']} depths, CFG on, "
         f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x, codes identical: {data['same_codes']}; "
-        f"measured {data['date']} with {data['threads']} threads (`evotok bench generate`).\n")
+        f"measured {data['date']} with {data['threads']} threads (`evotok bench generate`)."
+        + (f" The depth transformer alone (its cached depth-by-depth sampling on both CFG halves, the same work "
+           f"with or without the LM's cache): {data['depth_head_seconds']:.2f} s per batch."
+           if "depth_head_seconds" in data else "") + "\n")
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {

@@ -125,10 +125,11 @@ def lpix_reconstructions(evotok, images_BCHW: torch.Tensor, batch_size: int = 64
     return torch.cat(out) if out else images_BCHW.new_zeros(0, *images_BCHW.shape[1:])
 
 
-def ceiling_scores(prompts: Sequence[Prompt], checker, evotok, data_cfg, seed: int = 0) -> dict[str, float]:
+def ceiling_scores(prompts: Sequence[Prompt], checker, evotok, data_cfg, seed: int = 0,
+                   datasets: Optional[dict] = None) -> dict[str, float]:
     """``geneval_ceiling/<tag>`` and ``/overall``: :func:`tag_scores` of the checker's reading of the Lpix
     reconstructions of real images that match each prompt (test split; the held-out tag from the held-out
-    split). A prompt no real image matches counts as wrong."""
+    split; ``datasets`` may hold them already built). A prompt no real image matches counts as wrong."""
     from evotok.data.evoshapes import FACTOR_KEYS
     from evotok.data.sources import build_dataset
 
@@ -137,7 +138,8 @@ def ceiling_scores(prompts: Sequence[Prompt], checker, evotok, data_cfg, seed: i
         which = [i for i, p in enumerate(prompts) if p.tag in tags]
         if not which:
             continue
-        ds = build_dataset(data_cfg, split)
+        ds = (datasets or {}).get(split)
+        ds = build_dataset(data_cfg, split) if ds is None else ds
         rows = matching_items([prompts[i] for i in which], np.asarray(ds.labels_NF), seed)
         have = [(i, r) for i, r in zip(which, rows) if r >= 0]
         if not have:
@@ -357,7 +359,7 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
         if len(others) > 1:
             recon = lpix_reconstructions(evotok, torch.stack([real[i]["image"] for i in others]))
             scores["gen_fd_ceiling"] = fid_from_features(feats_real, teacher.pooled(recon))
-    scores.update(ceiling_scores(prompts, checker, evotok, cfg.data, seed))
+    scores.update(ceiling_scores(prompts, checker, evotok, cfg.data, seed, datasets={"test": real}))
     n_read = min(len(real), readout_images)
     if n_read:
         scores.update(likelihood_readout(gen, tokenizer, evotok, torch.stack([real[i]["image"] for i in range(n_read)]),
