@@ -1,4 +1,4 @@
-"""ResidualQuantizer: straight-through, decode, EMA arithmetic, restarts, warm-up, bad inputs."""
+"""ResidualQuantizer: straight-through, decode, EMA arithmetic, restarts (also in the warm-up), init, bad inputs."""
 
 from __future__ import annotations
 
@@ -116,9 +116,10 @@ def test_eval_mode_does_not_learn():
         assert torch.equal(v, snap[k]), k
 
 
-def test_dead_code_is_restarted_from_that_depths_residual_inputs():
+@pytest.mark.parametrize("ema_warmup", [0, 100])  # restarts run after and during the warm-up alike
+def test_dead_code_is_restarted_from_that_depths_residual_inputs(ema_warmup):
     torch.manual_seed(3)
-    q = _q(K=4, d=2, L=2, ema_decay=0.5, restart_threshold=1.0).train()
+    q = _q(K=4, d=2, L=2, ema_decay=0.5, restart_threshold=1.0, ema_warmup=ema_warmup).train()
     cb = torch.tensor([
         [[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0], [100.0, 100.0]],  # code 3 is never used
         [[0.0, 0.0], [0.3, 0.3], [-0.3, 0.3], [-50.0, 80.0]],  # code 3 is never used
@@ -138,50 +139,91 @@ def test_dead_code_is_restarted_from_that_depths_residual_inputs():
     assert (q.ema_size_LK[:, :3] >= 1.0).all()  # live codes kept (not restarted)
 
 
-def test_warmup_holds_code_vectors_fixed_then_learns():
+def test_more_dead_codes_than_residual_inputs_every_row_once_then_noisy_copies():
+    torch.manual_seed(8)
+    K, N = 16, 5
+    q = _q(K=K, d=3, L=1, ema_decay=0.5, restart_threshold=1.0).train()
+    cb = torch.full((1, K, 3), 1000.0)
+    cb[0, 0] = 0.0  # the only code the batch uses; the other 15 are dead
+    _set_codebooks(q, cb)
+    x = torch.randn(1, N, 3)
+    q(x)
+    assert q.last_restarts_L.tolist() == [K - 1]
+    new = q.codebooks_LKd[0, 1:]
+    near = (new[:, None] - x[0][None]).abs().amax(-1).min(dim=1).values
+    assert (near == 0).sum() == N, "each residual input exactly once"
+    assert (near < 0.05).all() and torch.unique(new, dim=0).shape[0] == K - 1, "then distinct noisy copies"
+
+
+def test_warmup_restarts_dead_codes_freezes_sums_and_rescales_codes():
+    # This replaces the old "warm-up holds code vectors fixed, no restarts" test. The reference
+    # (VisionXLab/EvoTok shared_rq_quantizer.py, VQEmbedding._update_buffers / _update_embedding) restarts
+    # dead codes on every training step, warm-up included; during the warm-up it accumulates the cluster
+    # sizes but not the vector sums, and still recomputes codes = sums / clamp(laplace(size), 1) -- so a
+    # live code with EMA size s > 1 is scaled down by s. Under the old behaviour every assertion on the
+    # restart (and on the rescaled codes) below fails.
     torch.manual_seed(4)
-    q = _q(K=8, d=3, L=2, ema_warmup=3, ema_decay=0.5).train()
-    q(torch.randn(2, 20, 3))  # step 0: initialise
-    init = q.codebooks_LKd.clone()
-    ema0 = q.ema_size_LK.clone()
-    for _ in range(2):  # steps 1, 2
-        q(torch.randn(2, 20, 3) + 1.0)
-    assert int(q.step) == 3
-    assert torch.equal(q.codebooks_LKd, init), "code vectors moved during warm-up"
-    assert not torch.equal(q.ema_size_LK, ema0), "EMA statistics should accumulate during warm-up"
-    q(torch.randn(2, 20, 3) + 1.0)  # step 3: warm-up over
-    assert not torch.equal(q.codebooks_LKd, init)
-    # set_step wires the trainer's step in
-    q2 = _q(K=8, d=3, L=2, ema_warmup=100).train()
-    q2(torch.randn(2, 20, 3))
-    init2 = q2.codebooks_LKd.clone()
-    q2.set_step(100)
-    q2(torch.randn(2, 20, 3) + 1.0)
-    assert not torch.equal(q2.codebooks_LKd, init2)
-    assert q2.step.dtype == torch.int64 and int(q2.step) == 101
+    K = 4
+    q = _q(K=K, d=2, L=1, ema_decay=0.5, ema_warmup=100, restart_threshold=1.0).train()
+    cb = torch.tensor([[[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0], [100.0, 100.0]]])  # code 3 is never used
+    _set_codebooks(q, cb)
+    x = (cb[0, :3].repeat(20, 1) + 0.3 * torch.randn(60, 2))[None]
+    out = q(x)
+    assert int(q.step) == 1 and q.cfg.ema_warmup == 100  # still in the warm-up
+    assert out.codes[0, :, 0].bincount(minlength=K).tolist() == [20, 20, 20, 0]
+    # the dead code is restarted, to exactly one of this depth's residual inputs (here x itself)
+    assert q.last_restarts_L.tolist() == [1]
+    new = q.codebooks_LKd[0, 3]
+    assert float((x[0] - new).abs().amax(dim=1).min()) == 0.0, "restarted code is not a residual input"
+    assert float(q.ema_size_LK[0, 3]) == 1.0 and torch.equal(q.ema_sum_LKd[0, 3], new)
+    # live codes: sums frozen, sizes accumulate, codes = frozen sums / clamp(laplace(size), 1)
+    assert torch.equal(q.ema_sum_LKd[0, :3], cb[0, :3])
+    size = torch.tensor([0.5 * 1 + 0.5 * 20] * 3 + [0.5 * 1])  # 10.5 each; code 3 (0.5 < 1) is dead
+    torch.testing.assert_close(q.ema_size_LK[0, :3], size[:3])
+    n = size.sum()
+    smooth = (size + LAPLACE_EPS) / (n + K * LAPLACE_EPS) * n
+    torch.testing.assert_close(q.codebooks_LKd[0, :3], cb[0, :3] / smooth[:3, None].clamp_min(1.0))
+    assert float(q.codebooks_LKd[0, 1, 0]) < 0.5  # (5, 5) / 10.5: the reference's warm-up shrinkage
+    # warm-up over (set_step wires the trainer's step in): the sums learn
+    q.set_step(100)
+    out2 = q(x)
+    assert q.step.dtype == torch.int64 and int(q.step) == 101
+    used_1 = out2.codes[0, :, 0] == 1
+    torch.testing.assert_close(q.ema_sum_LKd[0, 1], 0.5 * cb[0, 1] + 0.5 * x[0][used_1].sum(0))
 
 
 def test_init_from_first_batch_distinct_rows_and_small_batches():
     torch.manual_seed(5)
-    q = _q(K=8, d=3, L=2, ema_warmup=1).train()  # the init step's codes are then kept as drawn
+    # warm-up and no restarts, so ema_sum_LKd keeps the codebooks exactly as drawn (the code vectors
+    # themselves are rescaled by the EMA sizes during the warm-up; see the warm-up test)
+    q = _q(K=8, d=3, L=2, ema_warmup=1, restart_threshold=0.0).train()
     x = torch.randn(1, 50, 3)
     q.eval()
     q(x)
     assert not bool(q.initialized), "eval forwards must not initialise"
     q.train()
     q(x)
-    cb1 = q.codebooks_LKd[0]
+    cb1, cb2 = q.ema_sum_LKd[0], q.ema_sum_LKd[1]
     d_min = (cb1[:, None] - x[0][None]).abs().amax(-1).min(dim=1).values
     assert (d_min < 1e-6).all(), "depth-1 codes must be rows of the first batch"
-    assert torch.unique(cb1, dim=0).shape[0] == 8
-    # N < K: rows repeated with small noise, all codes distinct
-    q2 = _q(K=16, d=3, L=1, ema_warmup=1).train()
+    assert torch.unique(cb1, dim=0).shape[0] == 8, "N >= K: K distinct rows"
+    # depth 2 is drawn from the depth-2 residuals: x minus its nearest new depth-1 code
+    r2 = x[0] - cb1[torch.cdist(x[0], cb1).argmin(dim=1)]
+    d2_min = (cb2[:, None] - r2[None]).abs().amax(-1).min(dim=1).values
+    assert (d2_min < 1e-5).all(), "depth-2 codes must be rows of the depth-2 residuals"
+    # N == K: every row exactly once
+    q3 = _q(K=8, d=3, L=1, ema_warmup=1, restart_threshold=0.0).train()
+    x3 = torch.randn(1, 8, 3)
+    q3(x3)
+    assert torch.equal(torch.sort(q3.ema_sum_LKd[0, :, 0]).values, torch.sort(x3[0, :, 0]).values)
+    # N < K: every row once, then copies with small noise; all codes distinct
+    q2 = _q(K=16, d=3, L=1, ema_warmup=1, restart_threshold=0.0).train()
     x2 = torch.randn(1, 5, 3)
     q2(x2)
-    cb = q2.codebooks_LKd[0]
+    cb = q2.ema_sum_LKd[0]
     assert torch.unique(cb, dim=0).shape[0] == 16
     near = (cb[:, None] - x2[0][None]).abs().amax(-1).min(dim=1).values
-    assert (near < 0.05).all() and (near < 1e-6).sum() >= 5  # the 5 rows, then noisy copies
+    assert (near < 0.05).all() and (near < 1e-6).sum() == 5  # the 5 rows, then noisy copies
 
 
 def test_l2_normalize_inputs():

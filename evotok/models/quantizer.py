@@ -1,29 +1,71 @@
 """Residual vector quantizer with EMA codebooks, dead-code restarts and straight-through outputs.
 
+Behaviour follows the paper's reference code, VisionXLab/EvoTok
+``evotok/tokenizer/quantizer/shared_rq_quantizer.py`` (``VQEmbedding`` and ``SharedResidualQuantizer``,
+called as in ``evotok/tokenizer/vq_model/evotok.py``; the paper's run uses ``--vq-warmup 2000
+--restart-unused-codes``); what still differs is listed under "Deviations from the reference" below.
+
 Per depth l = 1..L there is one codebook of K codes of dimension d (buffers, ``codebooks_LKd``). The
 nearest-code assignment is :func:`evotok.ops.rvq_assign` (no N x K matrix); every z_l passes its
 gradient straight through to the same input x.
 
 Training-mode forward, in this order (all under ``no_grad`` except the outputs):
 
-1. first training forward only: codebooks initialised depth by depth from the batch's residual inputs
-   (K distinct random rows; rows repeated with small noise if N < K), chosen on rank 0 and broadcast;
+1. first training forward only: the residual inputs are pooled over all ranks (``all_gather``; N may
+   differ per rank: sizes first, padded, trimmed). Rank 0 initialises the codebooks depth by depth on the
+   pooled set with torch's global RNG -- K distinct pooled rows for depth 1 when the pooled count P >= K
+   (only when P < K: every row once, then repeats with small Gaussian noise); the pooled set is assigned
+   to them and its residuals feed depth 2, and so on -- and broadcasts the codebooks. Statistics start at
+   size 1 and sum = code;
 2. assignment with the current codebooks; all outputs use these codebooks;
 3. EMA statistics (cluster sizes ``ema_size_LK`` and vector sums ``ema_sum_LKd``, accumulated with
    :func:`evotok.ops.rvq.group_sums` -- a C++ grouped sum on CPU, ``index_add_`` / ``bincount``
    elsewhere -- never a dense one-hot), summed over ranks with ``all_reduce`` when
-   torch.distributed is initialised: ``s <- decay * s + (1 - decay) * batch``;
-4. if ``step >= ema_warmup``: codes <- ``ema_sum / clamp(laplace(ema_size), min=1)`` with
-   ``laplace(n_k) = (n_k + eps) / (n + K eps) * n``, ``n = sum_k n_k``; then every code whose EMA
-   cluster size is below ``restart_threshold`` is replaced by a random residual input of its depth in
-   the batch (pooled over all ranks; indices drawn on rank 0 with the global RNG and broadcast), and its
-   statistics are reset to size ``max(1, restart_threshold)`` around the new vector. During warm-up
-   (``step < ema_warmup``) code vectors stay fixed; the statistics still accumulate;
-5. ``step += 1``.
+   torch.distributed is initialised: ``s <- decay * s + (1 - decay) * batch``. The sizes always; the
+   sums only once ``step >= ema_warmup``: during the warm-up they stay frozen (as in the reference);
+4. every training step, warm-up included: codes <- ``ema_sum / clamp(laplace(ema_size), min=1)`` with
+   ``laplace(n_k) = (n_k + eps) / (n + K eps) * n``, ``n = sum_k n_k``. So during the warm-up code
+   vectors are NOT fixed: with frozen sums a code whose EMA size exceeds 1 is scaled down by that size
+   (the reference's ``_update_embedding`` does exactly this);
+5. every training step, warm-up included: every code whose EMA cluster size is below
+   ``restart_threshold`` (0 disables restarts) is replaced by a random residual input of its depth in
+   the batch, pooled over all ranks (indices drawn on rank 0 with the global RNG and broadcast; distinct
+   rows while a depth has no more dead codes than pooled rows, else every row once and repeats with
+   noise), and its statistics are reset to size ``max(1, restart_threshold)`` around the new vector;
+6. ``step += 1``.
 
 ``l2_normalize`` normalises the input vectors to unit L2 norm before quantisation (z_l then
 approximates the normalised x); code vectors are not renormalised because residuals below depth 1 are
 not unit vectors.
+
+Deviations from the reference (``shared_rq_quantizer.py``):
+
+- Initialisation. The reference has none: its codes start as ``nn.Embedding``'s N(0, 1) rows with
+  ``cluster_size_ema = 0``, so on the first step (nearly) every code is below size 1 and restarted from
+  that step's pooled residuals -- in effect a first-batch init, except that depths >= 2 see residuals of
+  the random N(0, 1) codes (each depth subtracts its pre-update codes). Ours draws explicitly, depth by
+  depth, with the new codebooks (step 1 above).
+- ``ema_warmup = 0`` means no warm-up here. The reference's guard ``vq_warmup > 0 and step >= vq_warmup``
+  never accumulates the vector sums when ``vq_warmup = 0`` (the paper's run uses 2000, unaffected).
+- Dead threshold: fixed at 1 in the reference (dead = ``cluster_size_ema < 1``, reset to 1; restarts
+  switched by ``restart_unused_codes``); here ``restart_threshold`` (reset to ``max(1, threshold)``).
+- Order of restart and code update: the reference writes restarts into the EMA buffers and then
+  recomputes every code, so a restarted code is ``v / clamp(laplace(1), 1)`` (within 1e-5 relative of
+  ``v``) and the Laplace total n includes the reset sizes; ours recomputes first and writes ``v`` exactly.
+- Repeats: the reference's ``_tile_with_noise`` tiles whenever the pooled count is below K and adds
+  uniform ``[0, 0.01 / sqrt(d))`` noise to every row, originals included; ours tiles only when more rows
+  are needed than pooled (init: P < K; restarts: more dead codes of a depth than pooled rows), keeps the
+  first copy of each row exact and adds zero-mean Gaussian noise of std ``INIT_NOISE * std(pool)``.
+- Gathering: the reference's ``all_gather`` assumes equal N per rank; ours allows unequal N (the init
+  pads and trims; restarts broadcast indices and sum the owning rank's rows, without a full gather).
+- Kernels and precision: the reference builds the full N x K distance matrix with ``addmm`` and its
+  per-code sums with a one-hot matmul (both bf16 under the paper's autocast); ours assigns without an
+  N x K matrix, in float32, and sums with grouped sums. Argmin ties and rounding can differ. The Laplace
+  smoothing (formula, eps = 1e-5, clamp at 1) and the decay are the reference's.
+- Step counter: one per depth codebook in the reference, one here (``set_step`` wires the trainer's in).
+- Outputs: the reference returns only the z of its two read-out depths, codebook usage over a sliding
+  window of 131072 codes and distance norms; ours returns every depth's z, per-batch usage and
+  perplexity. ``l2_normalize`` has no counterpart there (off by default).
 """
 
 from __future__ import annotations
@@ -41,7 +83,7 @@ from evotok.ops import IMPLS, rvq_assign
 from evotok.ops.rvq import group_sums
 
 LAPLACE_EPS = 1e-5
-INIT_NOISE = 1e-3  # relative std of the noise on repeated rows when the first batch has N < K
+INIT_NOISE = 1e-3  # std of the noise on repeated rows (init with P < K, or restarts), relative to the pool's std
 
 
 class QuantizerOutput(NamedTuple):
@@ -62,6 +104,50 @@ def _cumsum_depths_(t_LNd: Tensor) -> Tensor:
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _all_gather_rows(t_Nd: Tensor) -> Tensor:
+    """Rows of every rank concatenated in rank order, (P, d) with P = sum of the ranks' N, identical on
+    every rank. N may differ per rank: the sizes are gathered first, rows padded to the largest, trimmed."""
+    if not _dist_on():
+        return t_Nd
+    ws = dist.get_world_size()
+    n_1 = torch.tensor([t_Nd.shape[0]], dtype=torch.long, device=t_Nd.device)
+    sizes_W = [torch.zeros_like(n_1) for _ in range(ws)]
+    dist.all_gather(sizes_W, n_1)
+    sizes = [int(s) for s in sizes_W]
+    n_max = max(sizes)
+    if n_max == 0:
+        return t_Nd
+    padded_Md = t_Nd.new_zeros(n_max, t_Nd.shape[1])
+    padded_Md[: t_Nd.shape[0]] = t_Nd
+    parts_W = [torch.empty_like(padded_Md) for _ in range(ws)]
+    dist.all_gather(parts_W, padded_Md)
+    return torch.cat([part[:n] for part, n in zip(parts_W, sizes)])
+
+
+def _draw_pool_indices(P: int, m: int) -> Tensor:
+    """m indices into a pool of P >= 1 rows from torch's global (CPU) RNG, int64 (m,) on CPU: distinct
+    when m <= P; else all P rows once, in random order, then the same order repeated (the first P entries
+    are exact rows; :func:`_noise_repeats_` perturbs the rest)."""
+    perm_P = torch.randperm(P)
+    return perm_P[:m] if m <= P else perm_P.repeat(-(-m // P))[:m]
+
+
+def _noise_repeats_(rows_md: Tensor, P: int) -> Tensor:
+    """In place: rows beyond the first P (repeats of a pool of P rows, see :func:`_draw_pool_indices`)
+    get Gaussian noise of std INIT_NOISE * std(first P rows) (INIT_NOISE if that std is 0); global RNG."""
+    m = rows_md.shape[0]
+    if m > P:
+        std = float(rows_md[:P].float().std(correction=0))
+        scale = INIT_NOISE * (std if std > 0 else 1.0)
+        noise = torch.randn(m - P, rows_md.shape[1]) * scale
+        rows_md[P:] += noise.to(rows_md.device, rows_md.dtype)
+    return rows_md
 
 
 class ResidualQuantizer(nn.Module):
@@ -204,34 +290,41 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_codebooks(self, x_Nd: Tensor) -> None:
-        """Depth by depth: K rows of that depth's residual inputs (rank 0's choice, broadcast)."""
-        L, K, d = self.depth, self.cfg.codebook_size, self.cfg.dim
-        r = x_Nd.clone()
-        for l in range(L):
-            N = r.shape[0]
-            if N == 0:
-                raise ValueError("the first training batch is empty; codebooks are initialised from it")
-            if N >= K:
-                rows = r[torch.randperm(N, device=r.device)[:K]]
-            else:
-                reps = -(-K // N)
-                rows = r[torch.randperm(N, device=r.device)].repeat(reps, 1)[:K].clone()
-                scale = INIT_NOISE * (r.std() + 1e-12)
-                rows[N:] += torch.randn_like(rows[N:]) * scale
-            if _dist_on():
-                dist.broadcast(rows, src=0)
-            self.codebooks_LKd[l].copy_(rows)
-            codes = rvq_assign(r, rows[None], impl=self.cfg.impl).codes_NL[:, 0]
-            r = r - rows[codes]
+        """First training batch -> codebooks, from the inputs of ALL ranks; identical on every rank after.
+
+        The inputs are pooled (``all_gather``, unequal N per rank allowed) into P rows. Rank 0 then, depth by
+        depth, draws depth l's K rows from the pooled depth-l residuals with the global RNG (K distinct rows
+        when P >= K; else all P rows once and K - P noisy repeats), assigns the pooled residuals to them and
+        passes the new residuals to depth l + 1; its codebooks are broadcast. Statistics: size 1, sum = code.
+        Raises ValueError when the batch is empty on every rank."""
+        L, K = self.depth, self.cfg.codebook_size
+        pool_Pd = _all_gather_rows(x_Nd)
+        P = pool_Pd.shape[0]
+        if P == 0:
+            raise ValueError("the first training batch is empty (on every rank); codebooks are initialised from it")
+        if _rank() == 0:
+            r_Pd = pool_Pd
+            for l in range(L):
+                idx_K = _draw_pool_indices(P, K).to(r_Pd.device)
+                rows_Kd = _noise_repeats_(r_Pd.index_select(0, idx_K), P)
+                self.codebooks_LKd[l].copy_(rows_Kd)
+                if l + 1 < L:
+                    r_Pd = rvq_assign(r_Pd, rows_Kd[None], impl=self.cfg.impl).residual_Nd
+        if _dist_on():
+            dist.broadcast(self.codebooks_LKd, src=0)
         self.ema_size_LK.fill_(1.0)
         self.ema_sum_LKd.copy_(self.codebooks_LKd)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _ema_update(self, x_Nd: Tensor, zq_LNd: Tensor, flat_idx: Tensor) -> Tensor:
-        """EMA step (see the module docstring); returns this rank's code counts (L, K)."""
+        """EMA step, code update and restarts (module docstring, steps 3-5); returns this rank's counts (L, K).
+
+        Warm-up (``step < ema_warmup``): the sizes accumulate, the sums stay frozen, codes are recomputed
+        from them and dead codes are restarted, as in the reference."""
         L, K, d = self.depth, self.cfg.codebook_size, self.cfg.dim
         decay = self.cfg.ema_decay
+        warm_up = int(self.step) < self.cfg.ema_warmup
         # residual inputs of each depth: r_0 = x, r_l = x - zq_l
         r_LNd = torch.empty_like(zq_LNd)
         r_LNd[0] = x_Nd
@@ -240,12 +333,11 @@ class ResidualQuantizer(nn.Module):
         counts_LK = counts.view(L, K).clone()
         if _dist_on():
             dist.all_reduce(counts)
-            dist.all_reduce(sums)
+            if not warm_up:
+                dist.all_reduce(sums)
         self.ema_size_LK.mul_(decay).add_(counts.view(L, K), alpha=1 - decay)
-        self.ema_sum_LKd.mul_(decay).add_(sums.view(L, K, d), alpha=1 - decay)
-        self.last_restarts_L = torch.zeros(L, dtype=torch.long)
-        if int(self.step) < self.cfg.ema_warmup:
-            return counts_LK  # warm-up: code vectors held fixed
+        if not warm_up:
+            self.ema_sum_LKd.mul_(decay).add_(sums.view(L, K, d), alpha=1 - decay)
         n = self.ema_size_LK.sum(dim=1, keepdim=True)
         size = (self.ema_size_LK + LAPLACE_EPS) / (n + K * LAPLACE_EPS) * n
         self.codebooks_LKd.copy_(self.ema_sum_LKd / size.clamp_min(1.0)[..., None])
@@ -254,15 +346,20 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, r_LNd: Tensor) -> None:
-        """Replace codes whose EMA size < restart_threshold by random residual inputs of their depth."""
+        """Replace codes whose EMA size < restart_threshold by random residual inputs of their depth.
+
+        The m dead codes of depth l get m rows of depth l's residual inputs pooled over all ranks (P rows):
+        rank 0 draws the indices (distinct when m <= P; else all P once, then noisy repeats) and broadcasts
+        them; each rank contributes the rows it owns and an ``all_reduce`` assembles them. Sets
+        ``last_restarts_L`` (dead codes per depth, identical on every rank)."""
         thr = self.cfg.restart_threshold
         dead_LK = self.ema_size_LK < thr  # identical on every rank (synchronised statistics)
         n_dead_L = dead_LK.sum(dim=1)
         total_dead = int(n_dead_L.sum())
-        self.last_restarts_L = n_dead_L.cpu()
+        L, N_local, d = r_LNd.shape
+        self.last_restarts_L = torch.zeros(L, dtype=torch.long)
         if total_dead == 0:
             return
-        L, N_local, d = r_LNd.shape
         dev = r_LNd.device
         if _dist_on():
             ws, rank = dist.get_world_size(), dist.get_rank()
@@ -273,16 +370,15 @@ class ResidualQuantizer(nn.Module):
         else:
             rank, sizes = 0, torch.tensor([N_local])
         N_total = int(sizes.sum())
+        if N_total == 0:  # the batch is empty on every rank: nothing to restart from
+            return
+        self.last_restarts_L = n_dead_L.cpu()
         offset = int(sizes[:rank].sum())
+        m_L = [int(m) for m in n_dead_L]
         # rank 0 draws, per dead code, an index into its depth's pooled residual inputs
         pick = torch.zeros(total_dead, dtype=torch.long)
         if rank == 0:
-            parts = []
-            for l in range(L):
-                m = int(n_dead_L[l])
-                if m:
-                    parts.append(torch.randperm(N_total)[:m] if m <= N_total else torch.randint(N_total, (m,)))
-            pick = torch.cat(parts)
+            pick = torch.cat([_draw_pool_indices(N_total, m) for m in m_L if m])
         pick = pick.to(dev)
         depth_of = torch.repeat_interleave(torch.arange(L, device=dev), n_dead_L.to(dev))
         if _dist_on():
@@ -297,6 +393,14 @@ class ResidualQuantizer(nn.Module):
             mine = (local >= 0) & (local < N_local)
             vecs = vecs * mine[:, None]
             dist.all_reduce(vecs)  # exactly one rank contributes each row
+        if max(m_L) > N_total:  # repeats: rank 0 adds the noise, its rows are broadcast
+            if rank == 0:
+                start = 0
+                for m in m_L:
+                    _noise_repeats_(vecs[start:start + m], N_total)
+                    start += m
+            if _dist_on():
+                dist.broadcast(vecs, src=0)
         flat = dead_LK.reshape(-1).nonzero()[:, 0]  # row-major: matches depth_of's order
         reset = max(1.0, thr)
         K = self.cfg.codebook_size
