@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -278,8 +279,59 @@ def test_peak_memory_flat_in_K(cpp_built):
 # --------------------------------------------------------------------------------------------- CUDA
 
 
+def test_auto_on_cuda_resolves_to_gemm_without_touching_cuda(monkeypatch):
+    """Until experiments/gpu/check_quantizer.sh has timed the kernel, auto on CUDA is gemm: no build, no
+    self-check, no device query (so this holds on a machine without a GPU)."""
+    def boom(*a, **k):
+        raise AssertionError("resolve_impl('auto', cuda) touched CUDA")
+
+    monkeypatch.setattr(rvq, "_cuda_verified", boom)
+    monkeypatch.setattr(rvq, "_cuda_module", boom)
+    monkeypatch.setattr(build, "load", boom)
+    for name in ("is_available", "current_device", "device_count", "init", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, boom)
+    assert resolve_impl("auto", torch.device("cuda")) == "gemm"
+    assert resolve_impl("auto", torch.device("cuda", 1)) == "gemm"
+
+
+def test_gemm_default_chunk_is_k_aware_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rvq.gemm_chunk(32768, cpu) == rvq.gemm_chunk(16, cpu) == rvq.GEMM_CHUNK
+    assert rvq.gemm_chunk(32768, cuda) == 2048 and rvq.gemm_chunk(4096, cuda) == 16384
+    assert rvq.gemm_chunk(2**30, cuda) == 1
+    for K in (1, 1000, 4096, 32768, 100003):
+        assert 1 <= rvq.gemm_chunk(K, cuda) and rvq.gemm_chunk(K, cuda) * K * 4 <= rvq.GEMM_CUDA_CHUNK_BYTES
+
+
+@pytest.mark.slow  # part of make test, not of make test-fast
+def test_cuda_kernel_compiles_for_sm80_and_sm90_without_spills():
+    """nvcc alone on rvq_cuda.cu (no torch headers, seconds) for two archs; on sm_90 (H100/H200, the
+    target) ptxas must report no register spills in any kernel."""
+    cuda_home = build.find_cuda_home()
+    if cuda_home is None:
+        pytest.skip("no CUDA toolkit (nvcc + include/cuda_runtime.h) on this machine")
+    src = Path(build.__file__).parent / "csrc" / "rvq_cuda.cu"
+    cmd = [str(Path(cuda_home) / "bin" / "nvcc"), *build.CUDA_CFLAGS, "-std=c++17", "-Xptxas", "-v",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-c", str(src), "-o", os.devnull]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    arch, spills, kernels = None, [], set()
+    for line in log.splitlines():
+        if "Compiling entry function" in line:
+            arch = line.rsplit("for '", 1)[-1].rstrip("'")
+            kernels.add((arch, line.split("'")[1]))
+        elif arch == "sm_90" and (m := re.search(r"(\d+) bytes spill stores", line)) and int(m.group(1)):
+            spills.append(line.strip())
+    assert {a for a, _ in kernels} == {"sm_80", "sm_90"}, log[-4000:]
+    assert sum(1 for a, k in kernels if a == "sm_90" and "argmin_kernel" in k) == 5  # d = 8, 16, 32, 64, generic
+    assert not spills, spills
+
+
 def test_cuda_source_compiles_under_nvcc(tmp_path):
-    """Builds the CUDA extension (compile + link) for sm_90 in a child process; no GPU needed."""
+    """Builds the CUDA extension (compile + link of kernel and torch binding) for sm_90 in a child
+    process; no GPU needed."""
     cuda_home = build.find_cuda_home()
     if cuda_home is None:
         pytest.skip("no CUDA toolkit (nvcc + include/cuda_runtime.h) on this machine")
@@ -300,13 +352,40 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("N,K,d,L", SHAPES + [(4099, 4097, 256, 2), (10000, 4096, 32, 16)])
+@pytest.mark.parametrize("N,K,d,L", SHAPES + [(4099, 4097, 256, 2), (10000, 4096, 32, 16), (1, 1, 1, 2),
+                                     (700, 257, 16, 3), (600, 300, 17, 2), (500, 1000, 65, 2)])
 def test_cuda_matches_ref(N, K, d, L):
     x, cb = _inputs(N, K, d, L, seed=N + K)
     assert resolve_impl("cuda", torch.device("cuda")) == "cuda", "CUDA kernel failed its self-check"
     got = rvq_assign(x.cuda(), cb.cuda(), impl="cuda")
     got = rvq.RVQAssign(got.codes_NL.cpu(), got.residual_Nd.cpu())
     _check_equivalent(x, cb, got, rvq_assign(x, cb, impl="ref"), f"cuda {N}x{K}x{d}x{L}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("N,K,d,L,scale", [(1037, 300, 3, 3, 1.0), (4099, 1000, 32, 4, 1.0), (333, 129, 64, 2, 1.0),
+                                           (2000, 3000, 32, 2, 30.0)])
+def test_cuda_matches_cpp_bitwise(cpp_built, N, K, d, L, scale):
+    """Both kernels sum the dot product sequentially over d with fma and take fma(-2, dot, ||c||^2): the
+    same fp32 operations, so identical codes and residuals (x * 30: about half the distances negative)."""
+    x, cb = _inputs(N, K, d, L, seed=N + d)
+    x = x * scale
+    got = rvq_assign(x.cuda(), cb.cuda(), impl="cuda")
+    want = rvq_assign(x, cb, impl="cpp")
+    assert torch.equal(got.codes_NL.cpu(), want.codes_NL)
+    assert torch.equal(got.residual_Nd.cpu(), want.residual_Nd)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_empty_input_and_auto_is_gemm():
+    out = rvq_assign(torch.zeros(0, 8, device="cuda"), torch.randn(2, 5, 8, device="cuda"), impl="cuda")
+    assert out.codes_NL.shape == (0, 2) and out.residual_Nd.shape == (0, 8)
+    x, cb = _inputs(300, 40, 8, 2, seed=4)
+    a = rvq_assign(x.cuda(), cb.cuda())
+    b = rvq_assign(x.cuda(), cb.cuda(), impl="gemm")
+    assert torch.equal(a.codes_NL, b.codes_NL)
 
 
 @pytest.mark.gpu

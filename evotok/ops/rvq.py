@@ -17,11 +17,19 @@ Implementations:
 * ``ref``  -- pure PyTorch, tiles of ``chunk_size`` vectors x ``REF_CODE_TILE`` codes with a running
   argmin: the specification. Peak extra memory O(chunk_size * REF_CODE_TILE + N * d + K).
 * ``gemm`` -- ``addmm`` of a chunk of vectors against all K codes and ``argmin`` (the usual baseline);
-  peak extra memory O(chunk_size * K).
+  peak extra memory O(chunk_size * K). Default chunk (:func:`gemm_chunk`): ``GEMM_CHUNK`` vectors on the
+  CPU; on CUDA as many vectors as keep the chunk's fp32 distances under ``GEMM_CUDA_CHUNK_BYTES``
+  (256 MiB: 2048 vectors at K = 32768, 16384 at K = 4096). On CUDA its distances are fp32 only while
+  TF32 matmuls are off (``torch.backends.cuda.matmul.allow_tf32``, off by default).
 * ``cpp``  -- C++/OpenMP register- and cache-blocked kernel (csrc/rvq_cpu.cpp), all depths in one call.
-* ``cuda`` -- CUDA kernel (csrc/rvq_cuda.cu), all depths in one launch; its first use in a process is
-  checked against ``ref`` on a small random input and falls back to ``ref`` with a warning on mismatch.
-* ``auto`` -- CUDA tensors: ``cuda`` (else ``ref``). CPU tensors: ``cpp`` when it builds, else ``ref``.
+* ``cuda`` -- CUDA kernels (csrc/rvq_cuda.cu), all depths in one call: per depth a 2-D grid over tiles
+  of vectors x slices of codes, combined by a 64-bit atomicMin on packed (distance, index) keys; its
+  first use in a process is checked against ``ref`` on a small random input and falls back to ``ref``
+  with a warning on mismatch. Compiled and emulated on CPU threads, never yet timed on a GPU.
+* ``auto`` -- CUDA tensors: ``gemm``, because the custom kernel has never been measured on a GPU; until
+  experiments/gpu/check_quantizer.sh has measured it faster at the paper's shape (N = 8192, K = 32768,
+  d = 32, L = 16), ``auto`` does not pick it (``impl="cuda"`` still runs it). CPU tensors: ``cpp`` when
+  it builds, else ``ref``.
   There is no shape rule on the CPU: on the 2-core AVX-512 Xeon of the project (measured once with
   ``evotok bench quantizer``; numbers in results/bench_quantizer.json) ``cpp`` beat the best ``gemm``
   at every measured shape, d = 32 and d = 256 included. No timing is taken at run time.
@@ -39,7 +47,8 @@ from torch import Tensor
 IMPLS = ("auto", "ref", "gemm", "cpp", "cuda")
 REF_CHUNK = 1024  # vectors per tile in ref
 REF_CODE_TILE = 1024  # codes per tile in ref
-GEMM_CHUNK = 4096  # default vectors per chunk in gemm
+GEMM_CHUNK = 4096  # default vectors per chunk in gemm on the CPU
+GEMM_CUDA_CHUNK_BYTES = 256 * 2**20  # on CUDA the default gemm chunk keeps its chunk x K distances under this
 
 
 class RVQAssign(NamedTuple):
@@ -120,6 +129,15 @@ def _ref(x: Tensor, cb: Tensor, chunk_size: int = REF_CHUNK, code_tile: int = RE
             codes[n0 : n0 + chunk_size, l] = bidx
             residual[n0 : n0 + chunk_size] -= C[bidx]
     return RVQAssign(codes, residual)
+
+
+def gemm_chunk(K: int, device: torch.device) -> int:
+    """Default vectors per chunk of ``gemm`` for K codes on ``device``: ``GEMM_CHUNK`` on the CPU; on CUDA
+    ``GEMM_CUDA_CHUNK_BYTES // (4 K)`` (at least 1), so one chunk's fp32 distance matrix stays under
+    256 MiB (a fixed 4096 would be 512 MiB at K = 32768) while small K still gets large chunks."""
+    if device.type != "cuda":
+        return GEMM_CHUNK
+    return max(1, GEMM_CUDA_CHUNK_BYTES // (4 * int(K)))
 
 
 def _gemm(x: Tensor, cb: Tensor, chunk_size: int = GEMM_CHUNK) -> RVQAssign:
@@ -244,7 +262,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if device.type == "cuda":
-        if impl in ("auto", "cuda"):
+        if impl == "auto":
+            # The CUDA kernel has never been timed on a GPU: until experiments/gpu/check_quantizer.sh has
+            # measured the kernel faster at the paper shape, auto picks gemm (cuBLAS addmm + argmin).
+            # Nothing here touches CUDA: no build, no self-check, no device query.
+            return "gemm"
+        if impl == "cuda":
             return "cuda" if _cuda_verified(device) else "ref"
         if impl == "cpp":
             raise ValueError("impl='cpp' needs CPU tensors; use impl='cuda' or 'auto' for CUDA tensors")
@@ -278,7 +301,8 @@ def rvq_assign(x_Nd: Tensor, codebooks_LKd: Tensor, *, impl: str = "auto",
     """Residual-VQ assignment of ``x_Nd`` (N, d) against ``codebooks_LKd`` (L, K, d).
 
     Returns ``RVQAssign(codes_NL int64 (N, L), residual_Nd float32 (N, d))``. ``chunk_size`` sets the
-    vectors per chunk of ``ref`` and ``gemm`` (ignored by ``cpp`` and ``cuda``). Runs without autograd.
+    vectors per chunk of ``ref`` and ``gemm`` (ignored by ``cpp`` and ``cuda``; default ``REF_CHUNK``,
+    resp. :func:`gemm_chunk`). Runs without autograd.
     See the module docstring for the contract and the ``auto`` rule.
     """
     if impl not in IMPLS:
@@ -287,11 +311,12 @@ def rvq_assign(x_Nd: Tensor, codebooks_LKd: Tensor, *, impl: str = "auto",
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     x, cb = _check(x_Nd, codebooks_LKd)
     which = resolve_impl(impl, x.device)
-    with torch.no_grad():
+    # fp32 as the contract says, also inside a mixed-precision region (autocast would run gemm's addmm in bf16)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         if which == "ref":
             return _ref(x, cb, chunk_size or REF_CHUNK)
         if which == "gemm":
-            return _gemm(x, cb, chunk_size or GEMM_CHUNK)
+            return _gemm(x, cb, chunk_size or gemm_chunk(cb.shape[1], x.device))
         if which == "cpp":
             return _cpp(x, cb)
         return _cuda(x, cb)
