@@ -62,7 +62,7 @@ class QuantizerConfig:
     codebook_size: int = 1024
     dim: int = 32
     ema_decay: float = 0.99
-    ema_warmup: int = 0  # steps during which code vectors stay fixed
+    ema_warmup: int = 0  # steps during which the EMA vector sums stay frozen (sizes and restarts run; the reference's vq_warmup)
     restart_threshold: float = 1.0  # a code whose EMA cluster size falls below this is restarted
     impl: str = "auto"  # auto | ref | cpp | cuda | gemm
     l2_normalize: bool = False
@@ -75,6 +75,11 @@ class ModelConfig:
     lsem: int = 16
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     encoder_weights: str = ""  # ViT-encoder presets: open_clip weights file or teacher run to init the tower ("" = random)
+    # ViT-encoder presets: the tower's input normalisation, (x - mean) / std on [0, 1] images; empty = the
+    # teacher's (teacher.mean / teacher.std / teacher.pretrained_tag) when the tower is the teacher's arch, else
+    # the arch's own preprocessing as open_clip's pretrained configs give it
+    encoder_mean: list = field(default_factory=list)
+    encoder_std: list = field(default_factory=list)
 
 
 @dataclass
@@ -119,6 +124,13 @@ class TeacherConfig:
     weights: str = ""  # local weights file for a real open_clip model
     run: str = ""  # a teacher run folder from `evotok train teacher` (embedded default)
     random_init: bool = False  # tests only: an untrained teacher of `arch` (never a silent default)
+    # input normalisation (x - mean) / std on [0, 1] images. Explicit mean/std win; else the preprocessing of
+    # open_clip's pretrained config `pretrained_tag` for `arch` (e.g. 'webli' for the SigLIP2 towers: 0.5 / 0.5);
+    # else, when every pretrained tag of `arch` agrees, theirs; else the model config's (open_clip's default
+    # is OpenAI CLIP's mean/std, which the embedded teachers were trained with)
+    pretrained_tag: str = ""
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
     # tokenizer training: compute the frozen teacher's tokens of the whole train split once (at the start of
     # training) and look them up by item index; needs a map-style source, no data.augment
     cache_features: bool = False
@@ -598,6 +610,15 @@ def validate(cfg: Config, stage: Optional[str] = None) -> None:
             "config key 'teacher.cache_features' = true needs data.augment = false: augmented train images "
             "change the teacher's tokens every epoch"
         )
+    for mean_key, std_key in (("teacher.mean", "teacher.std"), ("model.encoder_mean", "model.encoder_std")):
+        mean, std = _get(cfg, mean_key), _get(cfg, std_key)
+        if bool(mean) != bool(std):
+            raise ConfigError(f"config keys '{mean_key}' and '{std_key}' go together: set both (3 numbers each) or neither")
+        if mean and (len(mean) != 3 or len(std) != 3 or not all(float(v) > 0 for v in std)):
+            raise ConfigError(
+                f"config keys '{mean_key}' / '{std_key}' must hold 3 numbers each (one per RGB channel, std > 0), "
+                f"got {list(mean)} / {list(std)}"
+            )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' must hold two numbers, got {cfg.optim.betas}")
     g = cfg.gen

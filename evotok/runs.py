@@ -156,9 +156,11 @@ def prepare_run(cfg: Config, stage: str) -> "tuple[RunDir, dict[str, Upstream]]"
 
 def create_run(
     cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, upstream: "Optional[dict[str, Upstream]]" = None,
+    extra: Optional[dict[str, Any]] = None,
 ) -> RunDir:
     """Create (or re-open for resuming) the run folder and write config.yaml (what ``stage`` reads) and
-    provenance.json (with the upstream records). ``run.overwrite=true`` deletes the old folder first, so no
+    provenance.json (with the upstream records and ``extra``, e.g. the module's resolved input normalisation).
+    ``run.overwrite=true`` deletes the old folder first, so no
     file of an earlier run (checkpoints, tb/, metrics.json, figures) survives into the new one; a resumed run
     keeps everything it wrote. Call :func:`prepare_run` first."""
     from evotok.handover import records
@@ -171,6 +173,7 @@ def create_run(
     run.config.write_text(to_yaml(cfg, stage))
     prov = provenance(cfg, stage, argv)
     prov["upstream"] = records(upstream or {}, run.path)
+    prov.update(extra or {})
     run.provenance.write_text(json.dumps(prov, indent=2) + "\n")
     return run
 

@@ -107,13 +107,6 @@ def test_bad_values_fail_at_load_in_one_line(override, key, capsys):
     assert f"'{key}'" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_dry_run_describes_the_paper_tokenizer_without_weights(capsys):
-    assert main(["train", "tokenizer", "--config", "tokenizer/evotok_paper", "--dry-run", "model.encoder_weights="]) == 0
-    out = capsys.readouterr().out
-    assert "latent grid (16, 16), depth L=16 (Lpix=4, Lsem=16), K=32768, d=32" in out
-    assert "width 1024, grid (16, 16)" in out and "M trainable" in out and "GiB per device" in out
-
-
 def test_user_errors_from_any_layer_are_one_line(tmp_path, capsys):
     from evotok.api import TokenizerLoadError
     from evotok.data import DataError

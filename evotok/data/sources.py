@@ -2,7 +2,7 @@
 
 All yield the common item schema (see evotok.data). Real images are resized (shorter side) and
 centre-cropped to ``data.resolution``; with ``data.augment`` the train split uses a random crop of a
-12.5% larger resize plus a horizontal flip. Train/val/test membership comes from a hash of each
+resize to 0-25% larger (as the paper's reference code) plus a horizontal flip. Train/val/test membership comes from a hash of each
 sample's key (relative path, record id, tar key), with split fractions proportional to
 ``data.train_size : data.val_size : data.test_size`` (the sizes themselves only bound EvoShapes).
 """
@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import tarfile
 import warnings
 from pathlib import Path
@@ -100,9 +101,11 @@ def verify_image(src: str | Path | BinaryIO) -> Optional[str]:
 
 
 def image_to_tensor(img: Image.Image, resolution: int, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
-    """Resize the shorter side and crop to (3, R, R) float in [0, 1]; ``rng`` => random crop + flip
-    from a 12.5% larger resize, else centre crop. Images smaller than R (even 1x1) are upscaled."""
-    target = resolution if rng is None else int(round(resolution * 1.125))
+    """Resize the shorter side and crop to (3, R, R) float in [0, 1]; ``rng`` => random crop + flip from a
+    resize of the shorter side to a random size in [R, ceil(R / 0.8)] (the reference's ``random_crop_arr``,
+    ADM's: crops of 80-100% of the shorter side), else centre crop. Images smaller than R (even 1x1) are
+    upscaled."""
+    target = resolution if rng is None else int(rng.integers(resolution, math.ceil(resolution / 0.8) + 1))
     w, h = img.size
     scale = target / min(w, h)
     nw, nh = max(target, int(round(w * scale))), max(target, int(round(h * scale)))

@@ -27,7 +27,7 @@ from evotok.lit.optim import apply_lr, lr_groups, lr_multiplier
 from evotok.eval.metrics import psnr
 from evotok.models.codestats import code_counts, usage_perplexity
 from evotok.models.discriminator import PatchDiscriminator
-from evotok.models.losses import TokenizerLoss, hinge_d_loss, token_cosine
+from evotok.models.losses import TokenizerLoss, token_cosine
 from evotok.models.tokenizer import build_tokenizer
 
 FROZEN_PREFIXES = ("teacher.", "loss.lpips.")
@@ -78,6 +78,15 @@ class TokenizerModule(L.LightningModule):
         self.logged_scalars: dict[str, float] = {}  # latest train scalars, mirrored into metrics.json
         self.teacher_table = None  # TokenTable of the train split when teacher.cache_features (built at train start)
         self._val: dict[str, torch.Tensor] = {}
+
+    def provenance_extra(self) -> dict[str, Any]:
+        """Written into the run's provenance.json: the input normalisation the teacher and the encoder use."""
+        t = getattr(self.teacher, "normalization", None)
+        norm = {"teacher": t.as_dict() if t is not None else None}
+        enc = getattr(self.model.encoder, "normalization", None)
+        norm["encoder"] = enc.as_dict() if enc is not None else {"mean": [0.5] * 3, "std": [0.5] * 3,
+                                                                 "source": "CNN encoder: [0, 1] mapped to [-1, 1]"}
+        return {"normalization": norm}
 
     # ------------------------------------------------------------------------------- optimisers
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
@@ -191,7 +200,7 @@ class TokenizerModule(L.LightningModule):
         d_loss = None
         if gan_on:
             self.disc.requires_grad_(True)
-            d_loss = hinge_d_loss(self.disc(images), self.disc(out.recon.detach().float()))
+            d_loss = self.loss.disc_loss(self.disc(images), self.disc(out.recon.detach().float()))
             if first:
                 opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss / self.accumulate)
@@ -328,40 +337,7 @@ def build(cfg: Config, upstream: dict) -> TokenizerModule:
 
 
 def describe(cfg: Config) -> str:
-    """For ``--dry-run``: parameter counts and an estimate of training memory, built on the meta device
-    (no weights are read, nothing is allocated)."""
-    import open_clip
+    """For ``--dry-run``: see :func:`evotok.models.sizes.describe_tokenizer` (meta device, no weights read)."""
+    from evotok.models.sizes import describe_tokenizer
 
-    from evotok.models.teacher import register_open_clip_configs
-
-    register_open_clip_configs()
-    clip_cfg = open_clip.get_model_config(cfg.teacher.arch)
-    if clip_cfg is None:
-        raise ValueError(f"teacher.arch = {cfg.teacher.arch!r} is not an open_clip architecture")
-    vision = clip_cfg["vision_cfg"]
-    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
-    size = size if isinstance(size, int) else size[0]
-    with torch.device("meta"):
-        if "timm_model_name" in vision:  # e.g. SigLIP2 towers: ask the timm model itself
-            import timm
-
-            tower = timm.create_model(vision["timm_model_name"], pretrained=False, img_size=size)
-            width, grid = int(tower.embed_dim), tuple(int(g) for g in tower.patch_embed.grid_size)
-        else:
-            width, grid = int(vision["width"]), (size // patch, size // patch)
-        model = build_tokenizer(cfg, width, grid)
-        disc = PatchDiscriminator(cfg.loss.disc_layers, cfg.loss.disc_channels)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    buffers = sum(b.numel() for b in model.buffers())
-    n_disc = sum(p.numel() for p in disc.parameters())
-    # fp32 weights + gradients + two Adam moments for what trains; weights only for what is frozen
-    state_gib = (16 * (trainable + n_disc) + 4 * (frozen + buffers)) / 2**30
-    return "\n".join([
-        f"# tokenizer preset {cfg.model.preset!r}: latent grid {model.grid}, depth L={model.depth} "
-        f"(Lpix={model.lpix}, Lsem={model.lsem}), K={cfg.model.quantizer.codebook_size}, d={cfg.model.quantizer.dim}",
-        f"# parameters: {trainable / 1e6:.2f} M trainable, {frozen / 1e6:.2f} M frozen (encoder tail), "
-        f"discriminator {n_disc / 1e6:.2f} M; teacher {cfg.teacher.arch} (frozen; width {width}, grid {grid}) not counted",
-        f"# buffers (codebooks + EMA statistics): {buffers / 1e6:.2f} M",
-        f"# estimated model + optimiser state: {state_gib:.2f} GiB per device (fp32; activations come on top)",
-    ])
+    return describe_tokenizer(cfg)

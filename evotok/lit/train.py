@@ -186,7 +186,8 @@ def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamod
     module = lit.build(cfg, upstream)
     if datamodule is None:
         datamodule = make_datamodule(cfg, stage, module)
-    run = create_run(cfg, stage, argv, upstream)
+    extra = getattr(module, "provenance_extra", None)  # what the module resolved (e.g. input normalisation)
+    run = create_run(cfg, stage, argv, upstream, extra=extra() if extra is not None else None)
     recs = records(upstream, run.path)
     trainer = build_trainer(cfg, run, module, stage, recs)
     ckpt = run.last_ckpt if run.last_ckpt.is_file() else None

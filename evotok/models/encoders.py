@@ -110,17 +110,19 @@ class ViTEncoder(nn.Module):
     """An open_clip vision tower's penultimate hidden state, then Linear(w, hidden)-Tanh-Linear(hidden, d).
 
     The tower's last block, head/pooling and post-norm are unused (we read the penultimate state) and
-    frozen (``requires_grad=False``), as in the paper. Images in [0, 1] are normalised with the mean/std
-    open_clip.create_model gives the arch (as the Teacher does: OpenAI's unless the model config says
-    otherwise; the weights' own preprocessing, e.g. SigLIP's 0.5, is not known without a pretrained tag). Works with open_clip's native ``VisionTransformer`` and with timm towers (SigLIP2).
+    frozen (``requires_grad=False``), as in the paper. Images in [0, 1] are normalised with ``normalization``
+    (the tokenizer passes the teacher's when the tower is the teacher's arch, see
+    :func:`evotok.models.tokenizer.encoder_normalization`; None: the arch's own, by
+    :func:`evotok.models.teacher.resolve_normalization`). Works with open_clip's native ``VisionTransformer`` and
+    with timm towers (SigLIP2).
     """
 
-    def __init__(self, arch: str, out_dim: int, hidden: int, image_size: int, weights: str = ""):
+    def __init__(self, arch: str, out_dim: int, hidden: int, image_size: int, weights: str = "", normalization=None):
         super().__init__()
         import open_clip
         from open_clip.model import _build_vision_tower
 
-        from evotok.models.teacher import register_open_clip_configs
+        from evotok.models.teacher import register_open_clip_configs, resolve_normalization
 
         register_open_clip_configs()  # the embedded teacher archs (explicit, idempotent)
         cfg = open_clip.get_model_config(arch)
@@ -129,15 +131,9 @@ class ViTEncoder(nn.Module):
         vision_cfg = dict(cfg["vision_cfg"])
         vision_cfg["image_size"] = image_size
         self.visual = _build_vision_tower(cfg["embed_dim"], vision_cfg)
-        # the normalisation open_clip.create_model gives this arch (as the Teacher sees it): defaults + model config
-        from dataclasses import asdict
-
-        from open_clip.transform import PreprocessCfg
-
-        pre = {**asdict(PreprocessCfg()), **(cfg.get("preprocess_cfg") or {})}
-        mean, std = pre["mean"], pre["std"]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.normalization = normalization if normalization is not None else resolve_normalization(arch, keys="model.encoder")
+        self.register_buffer("mean", torch.tensor(self.normalization.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.normalization.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if weights:
             self.load_tower_weights(weights)
         trunk = getattr(self.visual, "trunk", None)
@@ -157,6 +153,10 @@ class ViTEncoder(nn.Module):
                 m.requires_grad_(False)
         self.width = width
         self.head = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+        for m in self.head:  # the reference's init of this head (truncated normal std 0.02, zero bias)
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def load_tower_weights(self, path: str) -> None:
         """Initialise the tower from an open_clip weights file (.pt/.bin/.safetensors state dict) or from a

@@ -3,11 +3,14 @@
 generator total = recon_weight * recon + lpips_weight * lpips + gan_weight * gan_g (from step gan_start)
                 + commit_weight * commit + sem_weight * sem
 
-- recon: mean squared (``l2``) or absolute (``l1``) error on the [0, 1] scale.
+- recon: mean squared (``l2``) or absolute (``l1``) error on the [-1, 1] scale, as the reference computes it
+  (VisionXLab/EvoTok ``modules/vq_loss.py``: images normalised with 0.5 / 0.5), so ``recon_weight: 1.0`` means
+  what it means there; on the suite's [0, 1] images that is 4x (l2) or 2x (l1) the [0, 1]-scale error.
 - lpips: the ``lpips`` package's VGG LPIPS; its backbone weights come from the local file
   ``loss.lpips_weights`` (never downloaded); inputs are mapped to [-1, 1].
-- gan_g / disc: hinge losses of a PatchGAN: gan_g = -mean(D(x_hat)); disc = mean(relu(1 - D(x))) +
-  mean(relu(1 + D(x_hat))) (taming's ``hinge_d_loss`` without the 0.5 factor).
+- gan_g / disc: hinge losses of a PatchGAN: gan_g = -mean(D(x_hat)); disc = gan_weight * 0.5 *
+  (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))) -- taming's / the reference's ``hinge_d_loss`` with its 0.5,
+  weighted by ``gan_weight`` as the reference weights both sides (``disc_weight``); no adaptive weight.
 - commit: from the quantizer (mean over depths of ||x - sg(z_l)||^2).
 - sem ("cosine+fold"), with p, t the predicted and target tokens (B, T, C) and F = ``loss.sem_folds``:
       sem = mean_{b,t}(1 - cos(p_bt, t_bt)) + mean_{b,t,f}(1 - cos(p_bt^f, t_bt^f))
@@ -39,10 +42,11 @@ class LossTerms(NamedTuple):
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Mean error between [0, 1]-scale images, measured on the [-1, 1] scale (x -> 2x - 1)."""
     if kind == "l2":
-        return F.mse_loss(recon, target)
+        return F.mse_loss(recon * 2 - 1, target * 2 - 1)
     if kind == "l1":
-        return F.l1_loss(recon, target)
+        return F.l1_loss(recon * 2 - 1, target * 2 - 1)
     raise ValueError(f"loss.recon must be 'l2' or 'l1', got {kind!r}")
 
 
@@ -67,7 +71,8 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+    """0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))): taming's and the reference's hinge."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 class LPIPSLoss(nn.Module):
@@ -133,6 +138,10 @@ class TokenizerLoss(nn.Module):
         self.cfg = cfg
         reconstruction_loss(torch.zeros(1), torch.zeros(1), cfg.recon)  # validate loss.recon early
         self.lpips: Optional[LPIPSLoss] = LPIPSLoss(cfg.lpips_weights) if cfg.lpips_weight > 0 else None
+
+    def disc_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """The discriminator's loss: ``gan_weight * hinge_d_loss`` (see the module doc)."""
+        return self.cfg.gan_weight * hinge_d_loss(logits_real, logits_fake)
 
     def gan_active(self, step: int) -> bool:
         return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start

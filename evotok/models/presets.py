@@ -23,17 +23,20 @@ class TokenizerArch:
     vit_arch: str = ""
     vit_hidden: int = 1024
     vit_patch: int = 16
-    # pixel decoder: 1x1 conv d -> dec_post_ch, then VQGAN-style CNN decoder
+    # pixel decoder: 1x1 conv d -> dec_post_ch, then VQGAN-style CNN decoder (evotok.models.decoders.PixelDecoder)
     dec_post_ch: int = 128
     dec_ch: int = 64
     dec_ch_mult: tuple[int, ...] = (1, 2, 2)
     dec_res_blocks: int | tuple[int, ...] = 1
     dec_mid_blocks: int = 1
     dec_mid_attn: bool = False
-    # semantic decoder: ViT with patch 1 on the latent grid, then Linear-Tanh-Linear to the teacher width
+    dec_attn_levels: tuple[int, ...] = ()  # levels (indices into dec_ch_mult) with attention after each ResBlock
+    # semantic decoder: ViT with patch 1 on the latent grid, then Linear-Tanh-Linear to the teacher width;
+    # style "plain" or "beit" (the reference's BEiT-v2 ViT: CLS token, q/v biases, floor head dim, BEiT init)
     sem_width: int = 128
     sem_depth: int = 2
     sem_heads: int = 4
+    sem_style: str = "plain"
 
     @property
     def downsample(self) -> int:
@@ -79,12 +82,16 @@ def tiny() -> TokenizerArch:
 
 
 def paper() -> TokenizerArch:
-    """DESIGN §1 reference: SigLIP2-L/16 tower at 256 px -> 16x16x32; VQGAN decoder (1,1,2,2,4);
-    3-block width-1024 semantic ViT."""
+    """DESIGN §1, block for block as the paper's reference code (VisionXLab/EvoTok, evotok/tokenizer/vq_model/:
+    evotok.py, pixel_model.py, vqkd_model.py; parameter counts in evotok.models.reference): SigLIP2-L/16 tower
+    at 256 px (penultimate state) -> Linear(1024,1024)-Tanh-Linear(1024,32): 16x16x32; VQGAN decoder
+    ch 128 x (1,1,2,2,4), num_res_blocks 2 (= 3 ResBlocks per up level, VQGAN's num_res_blocks + 1), mid
+    Res-Attn-Res, attention after each ResBlock at 16x16; BEiT-v2 semantic ViT: 3 blocks, width 1024, 12 heads."""
     return TokenizerArch(
         encoder="vit", vit_arch="ViT-L-16-SigLIP2-256", vit_hidden=1024, vit_patch=16,
-        dec_post_ch=256, dec_ch=128, dec_ch_mult=(1, 1, 2, 2, 4), dec_res_blocks=2, dec_mid_blocks=2, dec_mid_attn=True,
-        sem_width=1024, sem_depth=3, sem_heads=16,
+        dec_post_ch=256, dec_ch=128, dec_ch_mult=(1, 1, 2, 2, 4), dec_res_blocks=3, dec_mid_blocks=2, dec_mid_attn=True,
+        dec_attn_levels=(4,),
+        sem_width=1024, sem_depth=3, sem_heads=12, sem_style="beit",
     )
 
 

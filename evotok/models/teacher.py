@@ -57,6 +57,67 @@ class TeacherError(UserError, ValueError):
     """No usable teacher in the config; the message says how to get one."""
 
 
+class Normalization(NamedTuple):
+    """An image tower's input normalisation, (x - mean) / std on [0, 1] images, and where it came from."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str  # printed by --dry-run and stored in the run's provenance
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "source": self.source}
+
+
+def resolve_normalization(
+    arch: str, pretrained_tag: str = "", mean: Sequence[float] = (), std: Sequence[float] = (), keys: str = "teacher"
+) -> Normalization:
+    """The normalisation an open_clip ``arch`` expects, first rule that applies:
+
+    1. explicit ``mean`` / ``std`` (config keys ``<keys>.mean`` / ``<keys>.std``);
+    2. the preprocessing open_clip's pretrained config ``pretrained_tag`` of ``arch`` records (a tag that
+       ``arch`` does not have is an error naming the tags it has);
+    3. when ``arch`` has pretrained tags and all of them agree, theirs (e.g. SigLIP2 towers: 0.5 / 0.5);
+    4. the model config's ``preprocess_cfg``, else open_clip's default (OpenAI CLIP's mean/std) -- what
+       ``open_clip.create_model`` gives an arch without a tag, and what the embedded teachers train with.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+
+    if mean or std:
+        if len(mean) != 3 or len(std) != 3:
+            raise TeacherError(f"{keys} mean/std need 3 numbers each, got {list(mean)} / {list(std)}")
+        return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std), "config")  # type: ignore[arg-type]
+    register_open_clip_configs()
+    tags = list(open_clip.list_pretrained_tags_by_model(arch))
+    if pretrained_tag:
+        if pretrained_tag not in tags:
+            raise TeacherError(
+                f"{keys}.pretrained_tag = {pretrained_tag!r} is not an open_clip pretrained tag of {arch!r}; "
+                f"its tags: {', '.join(tags) or 'none'} (or set {keys} mean/std explicitly)"
+            )
+        pre = open_clip.get_pretrained_cfg(arch, pretrained_tag)
+        return Normalization(tuple(pre["mean"]), tuple(pre["std"]), f"open_clip pretrained config {arch}/{pretrained_tag}")
+    if tags:
+        pres = [open_clip.get_pretrained_cfg(arch, t) for t in tags]
+        stats = {(tuple(p.get("mean", ())), tuple(p.get("std", ()))) for p in pres}
+        if len(stats) == 1 and all(len(v) == 3 for v in next(iter(stats))):
+            m, s = next(iter(stats))
+            return Normalization(m, s, f"open_clip pretrained configs of {arch} (tags {', '.join(tags)} agree)")
+    cfg = open_clip.get_model_config(arch) or {}
+    default = PreprocessCfg()
+    pre = {"mean": default.mean, "std": default.std, **(cfg.get("preprocess_cfg") or {})}
+    src = "model config preprocess_cfg" if cfg.get("preprocess_cfg") else "open_clip default (OpenAI CLIP)"
+    if len(tags) > 1:
+        src += f"; its pretrained tags {', '.join(tags)} disagree: set {keys}.pretrained_tag"
+    return Normalization(tuple(pre["mean"]), tuple(pre["std"]), f"{src} for {arch}")
+
+
+def teacher_normalization(cfg: "Config") -> Normalization:
+    """The teacher's normalisation from ``cfg.teacher`` (see :func:`resolve_normalization`)."""
+    t = cfg.teacher
+    return resolve_normalization(t.arch, t.pretrained_tag, t.mean, t.std, keys="teacher")
+
+
 class TeacherOutput(NamedTuple):
     tokens_BTc: torch.Tensor  # penultimate-block patch tokens (no CLS), (B, gh*gw, width)
     pooled_BE: torch.Tensor  # L2-normalised image embedding (the CLIPSIM space), (B, embed_dim)
@@ -118,7 +179,8 @@ class Teacher(nn.Module):
     """An open_clip CLIP model seen as a teacher. Image inputs are (B, 3, H, W) in [0, 1]; the model's
     mean/std normalisation (and a resize to its input size, if the images differ) happens inside."""
 
-    def __init__(self, clip: nn.Module, arch: str = ""):
+    def __init__(self, clip: nn.Module, arch: str = "", normalization: Optional[Normalization] = None):
+        """``normalization`` None: the mean/std open_clip attached to ``clip`` (its model preprocessing)."""
         super().__init__()
         from open_clip import get_model_preprocess_cfg
 
@@ -127,8 +189,12 @@ class Teacher(nn.Module):
         pp = get_model_preprocess_cfg(clip)
         size = pp.get("size", 224)
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[assignment]
-        self.register_buffer("mean", torch.tensor(pp.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(pp.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if normalization is None:
+            normalization = Normalization(tuple(pp.get("mean", (0.5,) * 3)), tuple(pp.get("std", (0.5,) * 3)),
+                                          "the open_clip model's preprocessing")
+        self.normalization = normalization
+        self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = None
         self._frozen = False
         self._shape_cache: Optional[tuple[tuple[int, int], int]] = None
@@ -298,7 +364,7 @@ def _strip_prefix(state: dict[str, torch.Tensor], prefixes: Sequence[str]) -> di
     return state
 
 
-def teacher_from_weights(arch: str, weights: str | Path) -> Teacher:
+def teacher_from_weights(arch: str, weights: str | Path, normalization: Optional[Normalization] = None) -> Teacher:
     """open_clip ``arch`` with a local weights file, loaded by open_clip's own ``load_checkpoint``
     (open_clip state dicts as .pt/.bin/.safetensors, big_vision .npz for SigLIP)."""
     import open_clip
@@ -315,10 +381,10 @@ def teacher_from_weights(arch: str, weights: str | Path) -> Teacher:
         open_clip.load_checkpoint(clip, str(path), strict=True)
     except RuntimeError as e:
         raise ValueError(f"teacher.weights {str(path)!r} does not fit teacher.arch={arch!r}: {str(e)[:500]}") from None
-    return Teacher(clip, arch=arch)
+    return Teacher(clip, arch=arch, normalization=normalization)
 
 
-def teacher_from_run(run_or_ckpt: str | Path) -> Teacher:
+def teacher_from_run(run_or_ckpt: str | Path, normalization: Optional[Normalization] = None) -> Teacher:
     """The teacher trained in a teacher run folder (best.ckpt, else last.ckpt) or from a teacher .ckpt."""
     from evotok.runs import RunError, load_checkpoint_file, resolve_run
 
@@ -338,7 +404,7 @@ def teacher_from_run(run_or_ckpt: str | Path) -> Teacher:
     clip = build_clip(arch)
     state = _strip_prefix(obj["state_dict"], ("teacher.clip.",))
     clip.load_state_dict(state, strict=True)
-    return Teacher(clip, arch=arch)
+    return Teacher(clip, arch=arch, normalization=normalization)
 
 
 RANDOM_INIT_SEED = 0
@@ -352,11 +418,12 @@ def load_teacher(cfg: "Config") -> Teacher:
         # seeded apart from the global RNG, so every load (training, eval, analysis) rebuilds the same teacher
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            teacher = Teacher(build_clip(t.arch), arch=t.arch)
+            teacher = Teacher(build_clip(t.arch), arch=t.arch, normalization=teacher_normalization(cfg))
     elif t.run:
-        teacher = teacher_from_run(t.run)
+        norm = teacher_normalization(cfg) if (t.mean or t.pretrained_tag) else None  # a run: what it trained with
+        teacher = teacher_from_run(t.run, normalization=norm)
     elif t.weights:
-        teacher = teacher_from_weights(t.arch, t.weights)
+        teacher = teacher_from_weights(t.arch, t.weights, normalization=teacher_normalization(cfg))
     else:
         raise TeacherError(f"no teacher configured (teacher.run and teacher.weights are empty): {HOW_TO_GET_A_TEACHER}")
     return teacher.freeze()

@@ -33,7 +33,7 @@ class EvoTok(nn.Module):
 
     def __init__(
         self, arch: TokenizerArch, quantizer: QuantizerConfig, lpix: int, lsem: int, resolution: int,
-        teacher_width: int, teacher_grid: Sequence[int], encoder_weights: str = "",
+        teacher_width: int, teacher_grid: Sequence[int], encoder_weights: str = "", encoder_normalization=None,
     ):
         super().__init__()
         from evotok.models.quantizer import ResidualQuantizer
@@ -51,7 +51,8 @@ class EvoTok(nn.Module):
                 d, arch.enc_ch, arch.enc_ch_mult, arch.enc_res_blocks, arch.enc_mid_blocks,
             )
         elif arch.encoder == "vit":
-            self.encoder = ViTEncoder(arch.vit_arch, d, arch.vit_hidden, resolution, weights=encoder_weights)
+            self.encoder = ViTEncoder(arch.vit_arch, d, arch.vit_hidden, resolution, weights=encoder_weights,
+                                      normalization=encoder_normalization)
             if tuple(self.encoder.grid) != self.grid:
                 raise ValueError(f"encoder grid {self.encoder.grid} != {self.grid} from data.resolution={resolution}")
         else:
@@ -59,12 +60,15 @@ class EvoTok(nn.Module):
         self.quantizer = ResidualQuantizer(quantizer, self.depth)
         self.pixel_decoder = PixelDecoder(
             d, arch.dec_post_ch, arch.dec_ch, arch.dec_ch_mult, arch.dec_res_blocks, arch.dec_mid_blocks, arch.dec_mid_attn,
+            attn_levels=arch.dec_attn_levels,
         )
         if self.pixel_decoder.upsample * self.grid[0] != resolution:
             raise ValueError(
                 f"pixel decoder upsamples {self.grid} by {self.pixel_decoder.upsample}, which is not data.resolution={resolution}"
             )
-        self.semantic_decoder = SemanticDecoder(d, self.grid, arch.sem_width, arch.sem_depth, arch.sem_heads, self.teacher_width)
+        self.semantic_decoder = SemanticDecoder(
+            d, self.grid, arch.sem_width, arch.sem_depth, arch.sem_heads, self.teacher_width, style=arch.sem_style,
+        )
 
     # ------------------------------------------------------------------------------------ checks
     def check_images(self, images_BCHW: torch.Tensor) -> None:
@@ -131,9 +135,31 @@ class EvoTok(nn.Module):
         return TokenizerOutput(recon, semantic, q)
 
 
+def encoder_normalization(cfg: Config):
+    """The ViT encoder's input normalisation (a :class:`~evotok.models.teacher.Normalization`; None for CNN
+    encoders, which map [0, 1] to [-1, 1] themselves): ``model.encoder_mean`` / ``model.encoder_std`` when set;
+    else the teacher's when the tower is the teacher's arch (the paper initialises the encoder from the
+    teacher's weights); else the tower arch's own."""
+    from evotok.models.teacher import Normalization, resolve_normalization, teacher_normalization
+
+    arch = get_arch(cfg.model.preset)
+    if arch.encoder != "vit":
+        return None
+    m = cfg.model
+    if m.encoder_mean:
+        return Normalization(tuple(map(float, m.encoder_mean)), tuple(map(float, m.encoder_std)),
+                             "config (model.encoder_mean / model.encoder_std)")
+    if arch.vit_arch == cfg.teacher.arch:
+        n = teacher_normalization(cfg)
+        return n._replace(source=f"the teacher's ({n.source})")
+    return resolve_normalization(arch.vit_arch, keys="model.encoder")
+
+
 def build_tokenizer(cfg: Config, teacher_width: int, teacher_grid: Sequence[int]) -> EvoTok:
-    """The tokenizer of ``cfg`` (preset, lpix, lsem, quantizer, data.resolution, model.encoder_weights)."""
+    """The tokenizer of ``cfg`` (preset, lpix, lsem, quantizer, data.resolution, model.encoder_weights and the
+    encoder's normalisation)."""
     return EvoTok(
         get_arch(cfg.model.preset), cfg.model.quantizer, cfg.model.lpix, cfg.model.lsem, cfg.data.resolution,
         teacher_width, teacher_grid, encoder_weights=cfg.model.encoder_weights,
+        encoder_normalization=encoder_normalization(cfg),
     )
