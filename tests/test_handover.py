@@ -68,6 +68,10 @@ def test_runs_record_path_and_fingerprint_of_their_upstreams(tree):
     assert r["path"] == str(teacher.resolve()) and r["relpath"] == "../../teacher/t"
     assert r["artifact"] == "checkpoints/best.ckpt"
     assert r["fingerprint"] == fingerprint_file(teacher / "checkpoints" / "best.ckpt")
+    # the input normalisation the run resolved is stored beside its upstreams (the embedded teacher's: OpenAI CLIP's)
+    norm = json.loads((tok.path / "provenance.json").read_text())["normalization"]
+    assert norm["teacher"]["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert norm["encoder"]["source"].startswith("CNN encoder")
     for ckpt in (tok.last_ckpt, tok.best_ckpt):  # every checkpoint carries the same record
         assert torch.load(ckpt, weights_only=False, map_location="cpu")["evotok"]["upstream"] == rec
 

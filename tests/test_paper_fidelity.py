@@ -59,6 +59,21 @@ def test_embedded_teacher_keeps_the_normalisation_it_was_trained_with(random_tea
     assert tuple(random_teacher.mean.flatten().tolist()) == pytest.approx(openai_mean)
 
 
+def test_tokenizer_stage_keeps_only_the_teachers_image_tower(random_teacher):
+    from evotok.models.teacher import TeacherError, load_teacher
+
+    teacher = load_teacher(load_config(None, ["teacher.random_init=true"]))
+    images = torch.rand(2, 3, 32, 32)
+    before = teacher.image_features(images)
+    n_visual = sum(p.numel() for p in teacher.visual.parameters())
+    teacher.drop_text()
+    assert torch.equal(teacher.image_features(images), before)
+    assert sum(p.numel() for p in teacher.parameters()) == n_visual + 1  # + the logit scale
+    with pytest.raises(TeacherError, match="text tower was dropped"):
+        teacher.encode_text(["a red circle"])
+    assert random_teacher.encode_text(["a red circle"]).shape[0] == 1  # the shared fixture is untouched
+
+
 # ------------------------------------------------------------------------------------- architecture
 
 
@@ -224,6 +239,8 @@ def test_two_training_steps_of_the_paper_model_on_cpu(tmp_path):
         "trainer.accelerator=cpu", "trainer.strategy=auto", "trainer.precision=32-true",
     ])
     module = TokenizerModule(cfg)
+    # the teacher is a vision tower here, as in the reference (its text tower is dropped: 566 M parameters)
+    assert sum(p.numel() for p in module.teacher.parameters()) == 315_956_224 + 2  # + logit scale and bias
     torch.manual_seed(0)
     images = torch.rand(2, 1, 3, 256, 256)
     loader = [{"image": images[i], "index": torch.tensor([i])} for i in range(2)]

@@ -60,7 +60,7 @@ class TokenizerModule(L.LightningModule):
         if teacher is None:
             from evotok.models.teacher import load_teacher
 
-            teacher = load_teacher(cfg)
+            teacher = load_teacher(cfg).drop_text()  # only its image tower is read here
         self.teacher = teacher
         width, grid = int(teacher.width), tuple(int(g) for g in teacher.token_grid)
         if (teacher_width is not None and teacher_width != width) or (teacher_grid is not None and tuple(teacher_grid) != grid):
@@ -333,7 +333,7 @@ def build(cfg: Config, upstream: dict) -> TokenizerModule:
     from evotok.handover import with_upstreams
     from evotok.models.teacher import load_teacher
 
-    return TokenizerModule(cfg, teacher=load_teacher(with_upstreams(cfg, upstream)))
+    return TokenizerModule(cfg, teacher=load_teacher(with_upstreams(cfg, upstream)).drop_text())
 
 
 def describe(cfg: Config) -> str:

@@ -292,6 +292,9 @@ class Teacher(nn.Module):
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, embed_dim) text embedding, L2-normalised unless ``normalize=False``."""
+        if getattr(self, "text_dropped", False):
+            raise TeacherError("this teacher's text tower was dropped (Teacher.drop_text: the tokenizer stage reads "
+                               "only images); load the teacher again for text")
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.clip.encode_text(tokens.to(self.mean.device), normalize=normalize)
 
@@ -300,6 +303,20 @@ class Teacher(nn.Module):
         return self.clip.logit_scale
 
     # --- state
+    def drop_text(self) -> "Teacher":
+        """Free the text tower (the tokenizer stage reads only images: the paper's teacher is a vision tower):
+        every submodule, parameter and buffer of the open_clip model besides ``visual`` and the logit
+        scale/bias is set to None. For SigLIP2-L that is 566 M of 882 M parameters. Text methods then raise."""
+        keep = {"visual", "logit_scale", "logit_bias"}
+        for name in [n for n, _ in self.clip.named_children() if n not in keep]:
+            setattr(self.clip, name, None)
+        for name in [n for n, _ in self.clip.named_parameters(recurse=False) if n not in keep]:
+            setattr(self.clip, name, None)
+        for name in [n for n, _ in self.clip.named_buffers(recurse=False) if n not in keep]:
+            setattr(self.clip, name, None)
+        self.text_dropped = True
+        return self
+
     def freeze(self) -> "Teacher":
         """eval mode (kept when a parent module calls .train()) and no gradients."""
         self._frozen = True
