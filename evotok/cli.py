@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from evotok.config import ConfigError, load_config, to_yaml, with_overrides
 from evotok.stages import STAGE_NAMES, StageNotBuilt, get_stage
@@ -221,17 +221,27 @@ def cmd_export(args) -> int:
 def cmd_pipeline(args) -> int:
     from evotok.pipeline import PIPELINES, run_pipeline
 
-    if args.name not in PIPELINES:
+    if args.name and "=" in args.name:  # a key=value override, not a pipeline name
+        args.overrides, args.name = [args.name, *(args.overrides or [])], ""
+    if bool(args.name) == bool(args.spec):
+        raise ConfigError(f"give a pipeline name ({', '.join(PIPELINES)}) or --spec FILE, not both")
+    if args.name and args.name not in PIPELINES:
         raise ConfigError(f"unknown pipeline '{args.name}'; pipelines: {', '.join(PIPELINES)}")
-    run_pipeline(args.name, overrides=args.overrides or [])
+    if args.spec and not Path(args.spec).is_file():
+        raise ConfigError(f"--spec {args.spec}: no such file")
+    only = [x for x in (args.only or "").split(",") if x]
+    run_pipeline(args.spec or args.name, overrides=args.overrides or [], only=only)
     return 0
 
 
-def not_built(what: str, stage: str) -> Callable:
-    def cmd(args) -> int:
-        raise NotBuilt(f"'evotok {what}' needs the {stage} stage, which is not built yet in this version of the suite")
+def cmd_sweep(args) -> int:
+    from evotok.sweep import collect_table, run_sweep
 
-    return cmd
+    if args.collect:
+        print(collect_table(args.spec, args.overrides or []))
+    else:
+        run_sweep(args.spec, executor=args.executor, overrides=args.overrides or [], cluster=args.cluster)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -250,12 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="train a grid of configs over Lpix/Lsem (or any keys)")
-    _add_config_args(p)
-    p.set_defaults(func=not_built("sweep", "sweep"))
+    p = sub.add_parser("sweep", help="run a grid of configs x seeds (e.g. Lpix/Lsem), each point a pipeline; "
+                                      "--collect aggregates what has finished")
+    p.add_argument("--spec", required=True, help="sweep spec: a name under experiments/sweeps (lpix_lsem) or a file")
+    p.add_argument("--executor", default="local", choices=("local", "print", "slurm"),
+                   help="local: one after another here; print: the command lines; slurm: submitit job arrays")
+    p.add_argument("--cluster", default=None, help="submitit cluster for --executor slurm (default: auto; local, debug)")
+    p.add_argument("--collect", action="store_true", help="print the ablation table of what has finished, run nothing")
+    p.set_defaults(accepts_overrides=True, func=cmd_sweep)
+    p.epilog = "key=value overrides that follow apply to every point."
 
-    p = sub.add_parser("pipeline", help="run a named multi-stage pipeline (e.g. demo)")
-    p.add_argument("name", help="pipeline name (demo)")
+    p = sub.add_parser("pipeline", help="run a multi-stage pipeline (a name, e.g. demo, or --spec FILE); finished "
+                                         "stages with an unchanged config are skipped, interrupted ones resume")
+    p.add_argument("name", nargs="?", default="", help="pipeline name under experiments/pipelines (demo, tiny, ...)")
+    p.add_argument("--spec", default="", help="a pipeline spec file (YAML: run_name, steps)")
+    p.add_argument("--only", default="", help="comma-separated stages: run just their steps (upstreams must be finished)")
     p.set_defaults(accepts_overrides=True)
     p.epilog = "key=value overrides that follow apply to every stage."
     p.set_defaults(func=cmd_pipeline)

@@ -50,8 +50,8 @@ def test_unbuilt_commands_and_stages_say_so_and_exit_nonzero(capsys, monkeypatch
 
     from evotok import stages
 
-    assert main(["sweep"]) == EXIT_NOT_BUILT
-    assert "not built yet" in capsys.readouterr().err
+    assert main(["sweep", "--spec", "no_such_sweep"]) == EXIT_USAGE  # built now: a bad spec is a usage error
+    assert "unknown sweep 'no_such_sweep'; sweeps: lpix_lsem" in capsys.readouterr().err
     # a stage whose registry entry has no module yet: training says so, --dry-run prints the config and says so
     monkeypatch.setitem(stages.STAGES, "checker", dataclasses.replace(stages.STAGES["checker"], module=None))
     assert main(["train", "checker"]) == EXIT_NOT_BUILT

@@ -1,0 +1,340 @@
+"""Sweeps: a grid of config overrides x seeds, each point a pipeline (evotok/pipeline.py).
+
+A sweep spec (experiments/sweeps/<name>.yaml)::
+
+    name: lpix_lsem                 # folder and run-name prefix
+    pipeline: sweep_tiny            # the pipeline each point runs (a name or a spec path)
+    points:                         # explicit points ...
+      - {model.lpix: 4, model.lsem: 4}
+    axes: {model.lpix: [4, 16]}     # ... or the product of axes (either or both: points x axes)
+    seeds: [0, 1, 2]                # run.seed of the seeded stages
+    seeded_stages: [tokenizer]      # stages trained once per seed (their dependents follow)
+    first_seed_only: [understanding, generation]   # stages trained for the first seed only
+    overrides: [trainer.max_steps=100]             # applied to every point (then the command line's)
+    slurm: {partition: gpu, gpus_per_node: 8, nodes: 1, time_min: 1440, cpus_per_task: 8}
+
+Run names derive from the overrides: a stage that reads a point's keys, is seeded, or reads a run that is
+point-specific is trained per point as ``<name>_<point>`` (``lpix4_lsem16_s1``); any other stage (the
+teacher, the stand-in LM) is shared by the whole sweep as ``<name>_shared`` -- trained once, then found up
+to date by its identity. Each point's concrete pipeline is written to ``<run.dir>/sweeps/<name>/points/``.
+
+Executors: ``local`` runs the points one after another here; ``print`` prints one command line per
+(stage, point) job, level by level (a level's jobs only read runs of earlier levels), for any scheduler;
+``slurm`` submits the same jobs through submitit, one job array per level, each level depending on the
+previous one (``afterok``) on SLURM, or waiting for it on submitit's ``local`` / ``debug`` backends; it
+also writes plain ``sbatch`` scripts (``<sweep folder>/slurm/``). Multi-GPU jobs run Lightning's own SLURM
+environment (``srun`` starts one task per GPU). ``--collect`` aggregates whatever has finished
+(:func:`collect`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+from evotok.config import ConfigError, experiment_dirs, load_config, override_key, stage_reads
+
+SWEEP_KEYS = ("name", "pipeline", "points", "axes", "seeds", "seeded_stages", "first_seed_only", "overrides", "slurm")
+EXECUTORS = ("local", "print", "slurm")
+
+
+class SweepPoint(NamedTuple):
+    name: str  # lpix4_lsem16_s1
+    values: dict  # the point's config values (without the seed)
+    seed: int
+    spec: dict  # the concrete pipeline spec of this point
+    spec_path: Path  # where it is written
+    levels: dict  # stage -> level (0 = reads no stage of the pipeline)
+    shared: tuple  # stages of this point that are shared by the sweep
+
+
+def sweep_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for d in experiment_dirs("sweeps"):
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    known = sorted({q.stem for d in experiment_dirs("sweeps") for q in d.glob("*.yaml")})
+    raise ConfigError(f"unknown sweep '{name}'; sweeps: {', '.join(known) or 'none'}")
+
+
+def load_sweep(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    path = sweep_path(name)
+    spec = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    bad = [k for k in spec if k not in SWEEP_KEYS]
+    if bad:
+        raise ConfigError(f"{path}: unknown sweep keys {bad}; keys: {', '.join(SWEEP_KEYS)}")
+    if not spec.get("pipeline"):
+        raise ConfigError(f"{path}: 'pipeline' (the pipeline each point runs) is required")
+    spec.setdefault("name", path.stem)
+    spec["_path"] = str(path)
+    return spec  # type: ignore[return-value]
+
+
+def _token(key: str, value: Any) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    return f"{leaf}{value}".replace("/", "-").replace(" ", "")
+
+
+def point_values(spec: dict) -> list[dict]:
+    """The grid: explicit points x the product of the axes (either may be absent)."""
+    points = [dict(p) for p in spec.get("points") or [{}]]
+    axes = spec.get("axes") or {}
+    combos = [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())] if axes else [{}]
+    return [{**p, **c} for p in points for c in combos]
+
+
+def expand(name: str, overrides: Sequence[str] = ()) -> list[SweepPoint]:
+    """Every point of sweep ``name`` with its concrete pipeline spec (written to the sweep folder)."""
+    from evotok.pipeline import load_pipeline
+    from evotok.stages import HANDOVER, get_stage
+
+    spec = load_sweep(name)
+    base = load_pipeline(spec["pipeline"])
+    seeds = list(spec.get("seeds") or [0])
+    seeded, first_only = set(spec.get("seeded_stages") or []), set(spec.get("first_seed_only") or [])
+    run_dir = load_config(None, [o for o in [*spec.get("overrides", []), *overrides] if override_key(o).startswith("run.")]).run.dir
+    folder = Path(run_dir) / "sweeps" / spec["name"] / "points"
+    out = []
+    for values in point_values(spec):
+        for seed in seeds:
+            pname = "_".join([_token(k, v) for k, v in values.items()] + [f"s{seed}"])
+            specific, levels, shared, steps = set(), {}, [], []
+            for step in base["steps"]:
+                step = dict(step)
+                stage = step.get("stage")
+                if step["do"] == "train":
+                    if stage in first_only and seed != seeds[0]:
+                        continue
+                    reads = {k: v for k, v in values.items() if stage_reads(stage, k)}
+                    ups = [HANDOVER[k] for k in get_stage(stage).upstream if HANDOVER[k]]
+                    levels[stage] = 1 + max([levels[u] for u in ups if u in levels], default=-1)
+                    suffix = f"_{step['name']}" if step.get("name") else ""  # e.g. the phases of one stage
+                    if reads or stage in seeded or any(u in specific for u in ups):
+                        specific.add(stage)
+                        own = [f"{k}={v}" for k, v in reads.items()] + ([f"run.seed={seed}"] if stage in seeded else [])
+                        step["name"] = f"{spec['name']}_{pname}{suffix}"
+                    else:
+                        own = []
+                        step["name"] = f"{spec['name']}_shared{suffix}"
+                        shared.append(stage)
+                    step["overrides"] = [*step.get("overrides", []), *own]
+                elif stage not in levels:
+                    continue
+                steps.append(step)
+            pspec = {"run_name": f"{spec['name']}_{pname}", "steps": steps}
+            out.append(SweepPoint(pname, values, seed, pspec, folder / f"{pname}.yaml", levels, tuple(shared)))
+    return out
+
+
+def write_specs(points: Sequence[SweepPoint]) -> None:
+    import yaml
+
+    for p in points:
+        p.spec_path.parent.mkdir(parents=True, exist_ok=True)
+        p.spec_path.write_text(yaml.safe_dump(p.spec, sort_keys=False))
+
+
+def _global(spec: dict, overrides: Sequence[str]) -> list[str]:
+    return [*spec.get("overrides", []), *overrides]
+
+
+def jobs(points: Sequence[SweepPoint]) -> list[list[tuple[str, SweepPoint]]]:
+    """(stage, point) jobs by level; a shared stage appears once (with the first point that has it)."""
+    by_level: dict[int, list[tuple[str, SweepPoint]]] = {}
+    seen = set()
+    for p in points:
+        for stage, level in p.levels.items():
+            key = (stage, "shared") if stage in p.shared else (stage, p.name)
+            if key in seen:
+                continue
+            seen.add(key)
+            by_level.setdefault(level, []).append((stage, p))
+    return [by_level[k] for k in sorted(by_level)]
+
+
+def job_command(stage: str, point: SweepPoint, overrides: Sequence[str]) -> list[str]:
+    return ["evotok", "pipeline", "--spec", str(point.spec_path), "--only", stage, *overrides]
+
+
+def run_sweep(name: str, executor: str = "local", overrides: Sequence[str] = (), cluster: Optional[str] = None) -> list:
+    """Run (``local``), print (``print``) or submit (``slurm``) every point of sweep ``name``."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: one of {', '.join(EXECUTORS)}")
+    spec = load_sweep(name)
+    points = expand(name, overrides)
+    write_specs(points)
+    print(f"sweep {spec['name']}: {len(points)} point(s) x stages -> specs in {points[0].spec_path.parent}")
+    glob = _global(spec, overrides)
+    if executor == "local":
+        from evotok.pipeline import run_pipeline
+
+        for i, p in enumerate(points):
+            print(f"\n##### sweep {spec['name']}: point {i + 1}/{len(points)} {p.name}")
+            run_pipeline(str(p.spec_path), glob)
+        print(collect_table(name, overrides))
+        return points
+    levels = jobs(points)
+    if executor == "print":
+        lines = []
+        for k, level in enumerate(levels):
+            lines.append(f"# level {k}: {len(level)} job(s){' (after level ' + str(k - 1) + ')' if k else ''}")
+            lines += [shlex.join(job_command(stage, p, glob)) for stage, p in level]
+        print("\n".join(lines))
+        return lines
+    return submit_slurm(spec, levels, glob, cluster)
+
+
+def sbatch_script(spec: dict, level: int, commands: Sequence[Sequence[str]]) -> str:
+    """A plain sbatch array script for one level: task i runs command i under ``srun`` (Lightning reads the
+    SLURM environment: one task per GPU; requeue on its signal)."""
+    s = spec.get("slurm") or {}
+    gpus = int(s.get("gpus_per_node", 0))
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={spec['name']}_l{level}", f"#SBATCH --array=0-{len(commands) - 1}",
+             f"#SBATCH --nodes={int(s.get('nodes', 1))}", f"#SBATCH --ntasks-per-node={max(1, gpus)}",
+             f"#SBATCH --time={int(s.get('time_min', 60))}", f"#SBATCH --cpus-per-task={int(s.get('cpus_per_task', 2))}",
+             "#SBATCH --signal=SIGUSR1@90  # Lightning's SLURM plugin checkpoints and requeues on it",
+             "#SBATCH --requeue"]
+    if s.get("partition"):
+        lines.append(f"#SBATCH --partition={s['partition']}")
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+    lines += ["set -euo pipefail", 'case "$SLURM_ARRAY_TASK_ID" in']
+    lines += [f"  {i}) srun {shlex.join(list(cmd))} ;;" for i, cmd in enumerate(commands)]
+    lines += ['  *) echo "no job $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac", ""]
+    return "\n".join(lines)
+
+
+def submit_slurm(spec: dict, levels, glob: Sequence[str], cluster: Optional[str] = None) -> list:
+    """One submitit job array per level; returns the jobs. ``cluster``: None = auto (SLURM when present),
+    ``local`` / ``debug`` = submitit's stand-ins (each level waits for the previous one)."""
+    try:
+        import submitit
+    except ImportError:  # pragma: no cover - a dependency of the suite
+        raise ConfigError("--executor slurm needs the 'submitit' package: pip install -c constraints.txt submitit") from None
+    folder = Path(sorted({p.spec_path.parent.parent for level in levels for _, p in level})[0])
+    (folder / "slurm").mkdir(parents=True, exist_ok=True)
+    s = spec.get("slurm") or {}
+    executor = submitit.AutoExecutor(folder=str(folder / "submitit" / "%j"), cluster=cluster)
+    params: dict[str, Any] = {"timeout_min": int(s.get("time_min", 60)), "nodes": int(s.get("nodes", 1)),
+                              "cpus_per_task": int(s.get("cpus_per_task", 2)), "name": spec["name"]}
+    if executor.cluster == "slurm":
+        gpus = int(s.get("gpus_per_node", 0))
+        params.update(slurm_partition=s.get("partition"), gpus_per_node=gpus or None,
+                      tasks_per_node=max(1, gpus), slurm_signal_delay_s=90)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    all_jobs, previous = [], []
+    for k, level in enumerate(levels):
+        commands = [job_command(stage, p, glob) for stage, p in level]
+        (folder / "slurm" / f"level{k}.sbatch").write_text(sbatch_script(spec, k, commands))
+        if previous and executor.cluster == "slurm":
+            executor.update_parameters(slurm_additional_parameters={"dependency": "afterok:" + ":".join(j.job_id for j in previous)})
+        fns = [submitit.helpers.CommandFunction([sys.executable, "-m", "evotok.cli", *cmd[1:]]) for cmd in commands]
+        with executor.batch():
+            level_jobs = [executor.submit(fn) for fn in fns]
+        print(f"level {k}: submitted {len(level_jobs)} job(s): {', '.join(j.job_id for j in level_jobs)}")
+        if executor.cluster != "slurm":
+            for j in level_jobs:
+                j.result()  # raises with the job's stderr on failure
+        all_jobs += level_jobs
+        previous = level_jobs
+    return all_jobs
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+METRICS = (  # column, stage, how to read it from metrics.json
+    ("PSNR@Lpix", "tokenizer", ("per_depth", "psnr", "lpix")),
+    ("rFID@Lpix", "tokenizer", ("per_depth", "rfid", "lpix")),
+    ("CLIPSIM_sem@Lsem", "tokenizer", ("per_depth", "clipsim_sem", "lsem")),
+    ("VQA", "understanding", ("scalars", "vqa/overall", None)),
+    ("GenEval", "generation", ("scalars", "geneval/overall", None)),
+)
+
+
+def _read_metric(run: Path, how: tuple) -> Optional[float]:
+    from evotok.runs import RunDir
+
+    f = run / "metrics.json"
+    if not f.is_file() or not RunDir(run).finished:
+        return None
+    data = json.loads(f.read_text())
+    kind, key, depth = how
+    if kind == "scalars":
+        v = data.get("scalars", {}).get(key)
+    else:
+        vals = data.get("per_depth", {}).get(key) or []
+        cfg = RunDir(run).load_config()
+        idx = (cfg.model.lpix if depth == "lpix" else cfg.model.lsem) - 1
+        v = vals[idx] if idx < len(vals) else None
+    return None if v is None else float(v)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of a 95% t interval (0 for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
+    """One row per grid point: each metric's mean and 95% interval over the seeds that finished, with how
+    many of the seeds did (unfinished ones are counted, never guessed)."""
+    from evotok.runs import run_path
+
+    spec = load_sweep(name)
+    points = expand(name, overrides)
+    rows: dict[str, dict] = {}
+    for p in points:
+        key = ", ".join(f"{k}={v}" for k, v in p.values.items()) or "(base)"
+        row = rows.setdefault(key, {"point": key, "values": p.values, "metrics": {}})
+        for col, stage, how in METRICS:
+            step = next((s for s in p.spec["steps"] if s["do"] == "train" and s["stage"] == stage), None)
+            if step is None:
+                continue
+            cfg = load_config(step.get("config"), [f"run.name={step['name']}", *step.get("overrides", []),
+                                                   *[o for o in _global(spec, overrides) if stage_reads(stage, override_key(o))]],
+                              stage=stage)
+            v = _read_metric(Path(run_path(cfg, stage)), how)
+            cell = row["metrics"].setdefault(col, {"values": [], "expected": 0})
+            cell["expected"] += 1
+            if v is not None:
+                cell["values"].append(v)
+    for row in rows.values():
+        for cell in row["metrics"].values():
+            if cell["values"]:
+                cell["mean"], cell["ci95"] = mean_ci95(cell["values"])
+    return list(rows.values())
+
+
+def collect_table(name: str, overrides: Sequence[str] = ()) -> str:
+    """The ablation table (markdown): mean +- 95% interval (n finished / n expected)."""
+    rows = collect(name, overrides)
+    cols = [c for c, _, _ in METRICS if any(c in r["metrics"] for r in rows)]
+    out = ["| point | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            cell = r["metrics"].get(c)
+            if cell is None:
+                cells.append("")
+            elif not cell["values"]:
+                cells.append(f"unfinished (0/{cell['expected']})")
+            else:
+                n, e = len(cell["values"]), cell["expected"]
+                cells.append(f"{cell['mean']:.4g} ± {cell['ci95']:.2g} ({n}/{e})")
+        out.append(f"| {r['point']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
