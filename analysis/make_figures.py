@@ -5,9 +5,13 @@ Layout of ``out_dir`` (one subfolder per run, so that sweeps compare side by sid
 - ``<run name>/tsne.{png,pdf}``      Fig. 5a, all depths in one t-SNE map
 - ``<run name>/clusters.{png,pdf}``  Fig. 6, K-means cluster grids at the requested depths (those <= L)
 - ``<run name>/nmi.{png,pdf}``       NMI between clusters and each factor, every depth
+- ``<run name>/probes_<pooling>.{png,pdf}``     linear probes per depth and factor, one panel per view
+  (:mod:`analysis.probes`; pooling ``mean``, ``max``, ``fg`` and ``pos`` for per-position features)
+- ``<run name>/nmi_views_<pooling>.{png,pdf}``  NMI per depth and factor for every view of that pooling
 - ``depth_curves.{png,pdf}``         Fig. 5b across all runs (runs sharing Lpix/Lsem: mean and min-max band)
 - ``ablation.md``, ``ablation.csv``  one row per run
 - ``nmi.json``                       {run name: {lpix, lsem, k, seed, split, n_images, nmi: {factor: [v_1..v_L]}}}
+- ``probes.json``                    {run name: probes, NMI and crossover per view (schema: :mod:`analysis.probes`)}
 - ``index.html``                     every PNG and the table on one page
 
 Per-depth curves come from each run's ``metrics.json``; a curve metric it lacks (or the whole file) is
@@ -15,6 +19,10 @@ computed from the cached feature arrays (:func:`analysis.depth_curves.feature_de
 page says which numbers came from where. The table prefers metrics.json (``per_depth`` at Lpix/Lsem, then
 its scalars such as ``val_psnr``) and falls back to the feature numbers. A run folder name that repeats gets its parent's name prepended.
 A run may also be given as a features ``.npz`` (then no checkpoint is needed).
+
+``view`` / ``pooling`` choose the feature of the t-SNE map (that view's per-position features), the cluster
+grids and ``nmi.png`` / ``nmi.json`` (default: cumulative z_l, mean-pooled, as in the paper); ``probes=False``
+skips the probe set. A features file of an older format gets probes for the views it holds.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.depth_curves import CURVE_METRICS, feature_depth_metrics, plot_depth_curves
-from analysis.extract import extract, load_features
+from analysis.extract import POSITION, extract, load_features, view_array
 from analysis.kmeans import cluster_depths, nmi_per_depth, plot_cluster_grids, plot_nmi
 from analysis.plotting import save_figure
+from analysis.probes import analyse_views, crossover_lines, figures_by_pooling, to_json
 from analysis.tables import ablation_rows, ablation_table, scalar, table_html
 from analysis.tsne import depth_index, plot_tsne, subsample_positions, tsne_embed
 
@@ -89,6 +98,9 @@ def make_figures(
     n_per_cluster: int = 8,
     data_overrides: Sequence[str] = (),
     device: str = "auto",
+    view: str = "z",
+    pooling: str = "mean",
+    probes: bool = True,
 ) -> Path:
     """Extract (cached) and draw the figure set described in the module docstring; returns ``index.html``."""
     if not runs:
@@ -100,6 +112,7 @@ def make_figures(
     curve_runs: list[dict[str, Any]] = []
     table_runs: list[dict[str, Any]] = []
     nmi_all: dict[str, Any] = {}
+    probes_all: dict[str, Any] = {}
     sections: list[str] = []
     notes: list[str] = []
     for name, path in zip(names, paths):
@@ -110,18 +123,21 @@ def make_figures(
         lpix, lsem, L = feats["lpix"], feats["lsem"], feats["L"]
         run_out = out / name
         figs: list[tuple[str, str]] = []
+        extra: list[str] = []
+        feat_name = "$z_l$" if view == "z" else f"view '{view}'"
+        pooled = view_array(feats, view, pooling)
 
-        pos = subsample_positions(feats["positions_LPd"], tsne_points, seed)
+        pos = subsample_positions(view_array(feats, view, POSITION), tsne_points, seed)
         emb = tsne_embed(pos, seed=seed, max_iter=tsne_max_iter)
         fig = plot_tsne(emb, depth_index(pos.shape[0], pos.shape[1]), lpix, lsem,
-                        title=f"{name}: t-SNE of $z_l$, all depths ($L_{{pix}}$={lpix}, $L_{{sem}}$={lsem})")
+                        title=f"{name}: t-SNE of {feat_name}, all depths ($L_{{pix}}$={lpix}, $L_{{sem}}$={lsem})")
         save_figure(fig, run_out, "tsne")
         figs.append(("tsne", f"Fig. 5a: t-SNE of {pos.shape[1]} latent positions at every depth 1..{L}"))
 
-        clusters = cluster_depths(feats["pooled_LBd"], depths, k=k, seed=seed)
+        clusters = cluster_depths(pooled, depths, k=k, seed=seed)
         if clusters:
             fig = plot_cluster_grids(feats["images_BHWC"], clusters, n_per_cluster,
-                                     title=f"{name}: K-means (k={k}) on pooled $z_l$")
+                                     title=f"{name}: K-means (k={k}) on {pooling}-pooled {feat_name}")
             save_figure(fig, run_out, "clusters")
             figs.append(("clusters", f"Fig. 6: K-means clusters (k={k}) at depths {', '.join(map(str, sorted(clusters)))}"))
         dropped = [d for d in depths if d not in clusters]
@@ -130,16 +146,27 @@ def make_figures(
 
         labels = feats["labels"]
         if labels:
-            nmi = nmi_per_depth(feats["pooled_LBd"], labels, k=k, seed=seed)
+            nmi = nmi_per_depth(pooled, labels, k=k, seed=seed)
             semantic, lowlevel = _factor_kinds()
             fig = plot_nmi(nmi, lpix, lsem, semantic=semantic, lowlevel=lowlevel, title=f"{name}: NMI per depth (k={k})")
             save_figure(fig, run_out, "nmi")
             figs.append(("nmi", "NMI between K-means clusters and each factor (solid: semantic, dashed: low-level)"))
+            if probes:
+                res = analyse_views(feats, k=k, seed=seed, nmi={f"{view}/{pooling}": nmi})
+                probes_all[name] = {"lpix": lpix, "lsem": lsem, "L": L, "split": split, **res}
+                for stem, fig, caption in figures_by_pooling(res, lpix, lsem, semantic, lowlevel, name=name):
+                    save_figure(fig, run_out, stem)
+                    figs.append((stem, caption))
+                extra = crossover_lines(res)
+                if res["not_converged"]:
+                    notes.append(f"{name}: {res['not_converged']} probe fits stopped at the iteration limit")
         else:
             nmi = {}
-            notes.append(f"{name}: the data set has no factor labels, so no NMI")
+            notes.append(f"{name}: the data set has no factor labels, so no NMI and no probes")
         nmi_all[name] = {"lpix": lpix, "lsem": lsem, "L": L, "k": k, "seed": seed, "split": split,
-                         "n_images": int(feats["pooled_LBd"].shape[1]), "nmi": nmi}
+                         "n_images": int(pooled.shape[1]), "nmi": nmi}
+        if (view, pooling) != ("z", "mean"):
+            nmi_all[name].update(view=view, pooling=pooling)
 
         metrics = _read_metrics(_run_folder(path))
         per_depth = dict(metrics.get("per_depth") or {})
@@ -159,13 +186,15 @@ def make_figures(
         said = [f"{m}: {extractors[m]}" for m in CURVE_METRICS if m in per_depth and m in extractors]
         if said:
             notes.append(f"{name}: metrics.json measures " + "; ".join(said))
-        sections.append(_section(name, figs))
+        sections.append(_section(name, figs, extra))
 
     save_figure(plot_depth_curves(curve_runs), out, "depth_curves")
     md, csv_text = ablation_table(table_runs)
     (out / "ablation.md").write_text(md)
     (out / "ablation.csv").write_text(csv_text)
     (out / "nmi.json").write_text(json.dumps(nmi_all, indent=2, default=_json_num) + "\n")
+    if probes_all:
+        (out / "probes.json").write_text(json.dumps(to_json(probes_all), indent=1, allow_nan=False) + "\n")
     header, rows = ablation_rows(table_runs)
     index = out / "index.html"
     index.write_text(_page(sections, table_html(header, rows), notes, split))
@@ -192,8 +221,11 @@ def _figure_html(src: str, caption: str) -> str:
             f"<figcaption>{escape(caption)} (<a href=\"{escape(src)}.pdf\">PDF</a>)</figcaption></figure>")
 
 
-def _section(name: str, figs: list[tuple[str, str]]) -> str:
+def _section(name: str, figs: list[tuple[str, str]], crossover: Sequence[str] = ()) -> str:
     body = "\n".join(_figure_html(f"{name}/{stem}", cap) for stem, cap in figs)
+    if crossover:
+        items = "".join(f"<li>{escape(line)}</li>" for line in crossover)
+        body += f"\n<h3>Crossover detector (<a href=\"probes.json\">numbers</a>)</h3><ul>{items}</ul>"
     return f"<section><h2>{escape(name)}</h2>\n{body}\n</section>"
 
 

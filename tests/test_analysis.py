@@ -362,6 +362,19 @@ def test_make_figures_on_synthetic_runs(tmp_path, fake_compute):
     assert 'src="depth_curves.png"' in html and "<table>" in html and "no_metrics" in html
     nmi = json.loads((out / "nmi.json").read_text())
     assert set(nmi) == set(names)
+    # probes for every view the features hold (the synthetic ones: z mean and per position, sem mean)
+    for n in names:
+        for stem in ("probes_mean", "probes_pos", "nmi_views_mean"):
+            assert (out / n / f"{stem}.png").stat().st_size > 1000, (n, stem)
+            assert f'src="{n}/{stem}.png"' in html
+    probes = json.loads((out / "probes.json").read_text())
+    assert set(probes) == set(names) and set(probes["a_seed0"]["views"]) == {"z/mean", "z/pos", "sem/mean"}
+    z = probes["a_seed0"]["views"]["z/mean"]
+    assert z["nmi"] == nmi["a_seed0"]["nmi"]  # the same K-means numbers as nmi.json
+    assert z["crossover"]["nmi_path"] == "color -> shape" and z["crossover"]["probe_path"] == "color -> shape"
+    assert z["crossover"]["gains"] == ["shape"] and z["crossover"]["losses"] == ["color"]
+    assert probes["a_seed0"]["views"]["sem/mean"]["crossover"]["gains"] == []  # random features gain nothing
+    assert "Crossover detector" in html and "z/mean: clusters follow color -&gt; shape" in html
     assert nmi["a_seed0"]["nmi"]["color"][0] > 0.8 and nmi["a_seed0"]["nmi"]["shape"][-1] > 0.8
     md = (out / "ablation.md").read_text().strip().splitlines()
     assert len(md) == 2 + 3
