@@ -11,6 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+import warnings
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from evotok.handover import Upstream
 
 FINISHED_MARKER = "FINISHED"
+PREV_CKPT = "last.prev.ckpt"  # the previous last.ckpt, kept until the next one is complete
+CORRUPT_CKPT = "last.corrupt.ckpt"  # a last.ckpt that could not be resumed from, moved aside by the resumed run
+TMP_SUFFIX = ".tmp"  # checkpoints being written: .<name>.<pid>.<random>.tmp in the same folder
 PACKAGES = ("torch", "torchvision", "lightning", "open_clip_torch", "transformers", "tokenizers", "numpy", "omegaconf")
 # Keys that may change when a run is resumed (the rest define the model and must match what the run started with;
 # upstream keys are checked by fingerprint instead).
@@ -57,6 +63,69 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]
     return obj
 
 
+def save_checkpoint_file(obj: dict[str, Any], path: str | Path, previous: Optional[Path] = None) -> Path:
+    """``torch.save`` that a crash cannot leave half-written: the bytes go to a temporary file in the same folder,
+    are fsynced, and replace ``path`` by an atomic rename (then the folder is fsynced). With ``previous``, the file
+    being replaced is first renamed to ``previous`` (last.ckpt -> last.prev.ckpt), so the last complete checkpoint
+    survives until the new one is complete. A crash between the two renames leaves only ``previous``:
+    :meth:`RunDir.resume_checkpoint` resumes from it."""
+    import torch
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and p.exists():
+            os.replace(p, previous)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+    return p
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_problem(path: str | Path) -> tuple[Optional[str], Optional[int]]:
+    """Why ``path`` cannot be resumed from (None when it can), and its global step. Reads the whole file: every
+    zip member's CRC (torch.load does not check them, so a flipped bit would load as garbage), then the pickle;
+    a resumable checkpoint is a dict with a ``state_dict``."""
+    p = Path(path)
+    if not p.is_file():
+        return "missing", None
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            return f"damaged zip archive ({type(e).__name__}: {str(e)[:120]})", None
+        if bad is not None:
+            return f"damaged: CRC mismatch in {bad}", None
+    try:
+        obj = load_checkpoint_file(p, mmap=zipfile.is_zipfile(p))
+    except CheckpointError as e:
+        return str(e).replace(f"{p} ", "", 1), None
+    if "state_dict" not in obj:
+        return "no state_dict in it", None
+    return None, int(obj.get("global_step", 0))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths inside one run folder."""
@@ -82,6 +151,11 @@ class RunDir:
     @property
     def last_ckpt(self) -> Path:
         return self.checkpoints / "last.ckpt"
+
+    @property
+    def prev_ckpt(self) -> Path:
+        """The last.ckpt before the latest one, kept until the new one is complete (:func:`save_checkpoint_file`)."""
+        return self.checkpoints / PREV_CKPT
 
     @property
     def best_ckpt(self) -> Path:
@@ -120,8 +194,58 @@ class RunDir:
         return self.path.parent.name
 
     @property
+    def has_resume_files(self) -> bool:
+        """last.ckpt, last.prev.ckpt or a SLURM requeue checkpoint exists (readable or not): the run was started
+        and may resume."""
+        return self.last_ckpt.is_file() or self.prev_ckpt.is_file() or bool(self.hpc_checkpoints())
+
+    @property
     def resumable(self) -> bool:
-        return self.last_ckpt.is_file() and not self.finished
+        return self.has_resume_files and not self.finished
+
+    def hpc_checkpoints(self) -> list[Path]:
+        """Lightning's SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt`` in the run folder, its default_root_dir),
+        newest first."""
+        def number(p: Path) -> int:
+            tail = p.stem.rsplit("_", 1)[-1]
+            return int(tail) if tail.isdigit() else -1
+
+        return sorted(self.path.glob("hpc_ckpt_*.ckpt"), key=number, reverse=True)
+
+    def resume_checkpoint(self, warn: bool = True) -> Optional[Path]:
+        """The checkpoint a resumed run starts from: last.ckpt; when that is missing, truncated or damaged
+        (:func:`checkpoint_problem`), last.prev.ckpt, with a warning naming both. A newer Lightning SLURM requeue
+        checkpoint (:meth:`hpc_checkpoints`, by global step) wins over both. None when the run has no checkpoint;
+        a CheckpointError when it has some and none can be resumed from."""
+        found: list[tuple[Path, int]] = []
+        rejected: list[tuple[Path, str]] = []
+        for p in (self.last_ckpt, self.prev_ckpt):
+            if not p.is_file():
+                continue
+            problem, step = checkpoint_problem(p)
+            if problem is None:
+                found.append((p, step or 0))
+                break
+            rejected.append((p, problem))
+        hpc = self.hpc_checkpoints()
+        if hpc:
+            problem, step = checkpoint_problem(hpc[0])
+            if problem is None and (not found or (step or 0) > found[0][1]):
+                found.insert(0, (hpc[0], step or 0))
+            elif problem is not None:
+                rejected.append((hpc[0], problem))
+        if not found:
+            if not rejected:
+                return None
+            listed = "; ".join(f"{p} ({why})" for p, why in rejected)
+            raise CheckpointError(f"run folder {self.path} has no checkpoint to resume from: {listed}; "
+                                  "start afresh with run.overwrite=true")
+        chosen, step = found[0]
+        if warn and rejected:
+            listed = "; ".join(f"{p.name} ({why})" for p, why in rejected)
+            warnings.warn(f"cannot resume from {listed}: resuming from {chosen} (step {step}) instead",
+                          RuntimeWarning, stacklevel=2)
+        return chosen
 
 
 def run_path(cfg: Config, stage: str) -> Path:
@@ -142,11 +266,11 @@ def prepare_run(cfg: Config, stage: str) -> "tuple[RunDir, dict[str, Upstream]]"
         raise RunError(
             f"run folder {run.path} holds a finished run; choose another run.name or pass run.overwrite=true"
         )
-    if cfg.run.overwrite or not run.last_ckpt.is_file():
+    if cfg.run.overwrite or not run.has_resume_files:
         return run, resolve_upstreams(cfg, stage)
     if run.config.is_file():
         _check_resume_config(run, cfg, stage)
-    recorded = recorded_upstream(run.path, run.last_ckpt) or {}
+    recorded = recorded_upstream(run.path, run.resume_checkpoint(warn=False)) or {}
     upstream = check_resume(recorded, resolve_upstreams(cfg, stage, missing_ok=True), run.path)
     for key in active_keys(cfg, stage):
         if key not in upstream:  # neither found from here nor recorded by the run: the error names the key

@@ -46,6 +46,11 @@ class TokenizerModule(L.LightningModule):
     monitor = "val/psnr"
     monitor_mode = "max"
     handles_accumulation = True
+    # DDP: the discriminator gets no gradient in the generator's backward pass (nor the generator in the
+    # discriminator's, nor the discriminator at all before loss.gan_start), so DDP must look for unused parameters:
+    # evotok.lit.train.build_trainer turns trainer.strategy=auto on several devices into
+    # DDPStrategy(find_unused_parameters=True)
+    ddp_find_unused_parameters = True
 
     def __init__(
         self, config: dict | Config, teacher: Optional[torch.nn.Module] = None,
@@ -75,6 +80,7 @@ class TokenizerModule(L.LightningModule):
         self.accumulate = accumulate_steps(cfg)
         self.batches_seen = 0  # batches through training_step in this process (tests check step semantics)
         self.last_val: dict[str, Any] = {}
+        self.last_loss_terms: dict[str, torch.Tensor] = {}  # this step's named losses, read by the NaN guard
         self.logged_scalars: dict[str, float] = {}  # latest train scalars, mirrored into metrics.json
         self.teacher_table = None  # TokenTable of the train split when teacher.cache_features (built at train start)
         self._val: dict[str, torch.Tensor] = {}
@@ -189,6 +195,8 @@ class TokenizerModule(L.LightningModule):
         gan_on = self.loss.gan_active(step)
         self.disc.requires_grad_(False)
         terms = self.loss(images, out.recon, out.semantic, target, out.quant.commit_loss, step, disc=self.disc if gan_on else None)
+        self.last_loss_terms = {("train/loss" if k == "total" else f"train/{k}"): v.detach()
+                                for k, v in terms._asdict().items()}
         if first:
             opt_g.zero_grad(set_to_none=True)
         self.manual_backward(terms.total / self.accumulate)
@@ -203,6 +211,7 @@ class TokenizerModule(L.LightningModule):
             d_loss = self.loss.disc_loss(self.disc(images), self.disc(out.recon.detach().float()))
             if first:
                 opt_d.zero_grad(set_to_none=True)
+            self.last_loss_terms["train/disc"] = d_loss.detach()
             self.manual_backward(d_loss / self.accumulate)
             if last:
                 self._set_lr(opt_d, step)
