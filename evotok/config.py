@@ -188,6 +188,7 @@ class CheckerConfig:
 @dataclass
 class DataConfig:
     source: str = "evoshapes"  # evoshapes | folder | llava | webdataset | realphotos
+    preset: str = "evoshapes"  # EvoShapes variant (DATA_PRESETS): evoshapes (32 px default) | evoshapes64 (harder, 64 px)
     root: str = ""  # folder / shard pattern / LLaVA JSON file, for the non-procedural sources
     image_root: str = ""  # where LLaVA JSON image paths are resolved (default: the JSON's folder)
     resolution: int = 32
@@ -280,6 +281,9 @@ CHOICES = {
     "mllm.features": ("semantic", "latent"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"),
 }
+# EvoShapes presets -> the data.resolution values each supports (() = any even value >= 8); the registry itself is
+# evotok.data.evoshapes.PRESETS (kept torch-free here; tests/test_data_evoshapes.py keeps the two in step)
+DATA_PRESETS: Dict[str, tuple] = {"evoshapes": (), "evoshapes64": (64,)}
 LIST_CHOICES = {"trainer.loggers": ("tensorboard", "csv", "wandb")}
 OPEN_DICTS = ("optim.group_lr",)  # dict-valued keys whose entries are free names
 
@@ -583,6 +587,13 @@ def validate(cfg: Config, stage: Optional[str] = None) -> None:
         raise ConfigError(f"config key 'model.quantizer.ema_decay' must be in (0, 1), got {cfg.model.quantizer.ema_decay}")
     if not 0.0 <= cfg.data.heldout_fraction < 1.0:
         raise ConfigError(f"config key 'data.heldout_fraction' must be in [0, 1), got {cfg.data.heldout_fraction}")
+    if cfg.data.preset not in DATA_PRESETS:
+        raise ConfigError(f"config key 'data.preset' = {cfg.data.preset!r} is not an EvoShapes preset"
+                          f"{suggest(cfg.data.preset, DATA_PRESETS)}; presets: {', '.join(DATA_PRESETS)}")
+    supported = DATA_PRESETS[cfg.data.preset]
+    if cfg.data.source == "evoshapes" and supported and cfg.data.resolution not in supported:
+        raise ConfigError(f"config key 'data.resolution' = {cfg.data.resolution} is not supported by data.preset "
+                          f"'{cfg.data.preset}' (supported: {', '.join(map(str, supported))})")
     o = cfg.optim
     if o.schedule == "linear" and not 0.0 < o.cooldown <= 1.0:
         raise ConfigError(f"config key 'optim.cooldown' must be in (0, 1] with optim.schedule=linear, got {o.cooldown}")

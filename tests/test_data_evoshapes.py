@@ -252,3 +252,174 @@ def test_preview_and_bench(tmp_path):
     assert saved == res and set(res) == {"date", "host", "cpu_count", "rows"}
     row = res["rows"][0]
     assert row["resolution"] == 32 and row["images"] == 200 and row["images_per_s"] > 0
+
+
+# ------------------------------------------------------------------------------------ presets
+
+P64 = "evoshapes64"
+
+
+def _digest(g) -> str:
+    import hashlib
+
+    m = hashlib.sha256()
+    for a in g:
+        m.update(np.ascontiguousarray(a).tobytes())
+    return m.hexdigest()[:16]
+
+
+def test_default_preset_unchanged():
+    # Pinned from the generator before presets were added (commit e081ca9, `generate` on the items below): the
+    # default preset's pixels, labels, cells and cache key must stay byte-identical.
+    assert _digest(generate(EvoShapesParams(), "train", 0, 8)) == "3f22eb5973c103a9"
+    assert _digest(generate(EvoShapesParams(), "heldout", 0, 8)) == "a1421be682aa195b"
+    assert _digest(generate(EvoShapesParams(resolution=64), "val", 0, 8)) == "59fb52d8431e8a01"
+    assert EvoShapesParams().key("train", 100) == "4ae25062faa3d9c3"
+    assert EvoShapesParams(preset="evoshapes").key("train", 100) == "4ae25062faa3d9c3"
+
+
+def test_preset_registry_and_config_errors():
+    from evotok.config import DATA_PRESETS, ConfigError, load_config
+    from evotok.data.evoshapes import PRESETS, factors
+
+    assert set(PRESETS) == set(DATA_PRESETS) and all(PRESETS[p].resolutions == DATA_PRESETS[p] for p in PRESETS)
+    assert factors() is FACTORS
+    hard = factors(P64)
+    assert tuple(hard) == FACTOR_KEYS and len(hard["shape"]) > len(FACTORS["shape"])
+    assert all(hard[f] == FACTORS[f] for f in FACTOR_KEYS if f != "shape")
+    assert len(zero_shot_prompts("shape", P64)) == len(hard["shape"]) == len(set(zero_shot_prompts("shape", P64)))
+    assert EvoShapesParams(preset=P64, resolution=64).key("train", 100) != EvoShapesParams(resolution=64).key("train", 100)
+    with pytest.raises(ValueError, match="did you mean 'evoshapes64'"):
+        EvoShapesParams(preset="evoshape64", resolution=64)
+    with pytest.raises(ValueError, match="data.resolution.*evoshapes64"):
+        EvoShapesParams(preset=P64, resolution=32)
+    with pytest.raises(ConfigError, match="data.preset.*did you mean 'evoshapes64'"):
+        load_config(None, ["data.preset=evoshapes_64", "data.resolution=64"])
+    with pytest.raises(ConfigError, match="data.resolution.*supported: 64"):
+        load_config(None, ["data.preset=evoshapes64"])
+    for name in ("teacher/tiny64", "tokenizer/evotok_tiny64"):
+        cfg = load_config(name, stage=name.split("/")[0])
+        assert (cfg.data.preset, cfg.data.resolution) == (P64, 64), name
+
+
+@pytest.fixture(scope="module")
+def train64(cache):
+    return EvoShapes(_cfg(cache, preset=P64, resolution=64, train_size=2048, val_size=1024, test_size=1024), "train")
+
+
+def test_preset64_determinism(train64):
+    p = train64.params
+    # a fresh range across a chunk border equals the cached split (generated chunk by chunk, earlier)
+    g = generate(p, "train", CHUNK - 5, CHUNK + 3)
+    np.testing.assert_array_equal(g.images_NCHW, train64.images_uint8(slice(CHUNK - 5, CHUNK + 3)))
+    np.testing.assert_array_equal(g.labels_NF, train64.labels_NF[CHUNK - 5:CHUNK + 3])
+    other = generate(EvoShapesParams(preset=P64, resolution=64, seed=3), "train", 0, 8)
+    assert not np.array_equal(other.images_NCHW, train64.images_uint8(slice(0, 8)))
+    assert not np.array_equal(other.labels_NF, train64.labels_NF[:8])
+
+
+def test_preset64_schema_text_and_workers(train64):
+    from evotok.data.evoshapes import factors
+
+    fac = factors(P64)
+    item = train64[7]
+    assert set(item) == {"image", "labels", "caption", "caption_sem", "qa", "conversations", "task", "index", "source"}
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32 and item["source"] == "evoshapes"
+    new_shapes = set(fac["shape"]) - set(FACTORS["shape"])
+    seen = set()
+    for i in range(0, 2048, 41):
+        lab, it = train64.labels(i), train64[i]
+        assert it["caption"] == caption(lab, P64) and it["caption_sem"] == semantic_caption(lab, P64)
+        answers = {q["type"]: q["answer"] for q in it["qa"]}
+        assert answers == {f: fac[f][lab[f]] for f in ("shape", "color", "count", "texture", "background")}
+        seen.add(answers["shape"])
+    assert seen & new_shapes  # the extra classes appear and are named
+    idx = [3, 1500, 2047]
+    alone = torch.stack([train64[i]["image"] for i in idx])
+    for workers in (0, 2):
+        got = torch.cat([b["image"] for b in DataLoader(torch.utils.data.Subset(train64, idx), batch_size=2,
+                                                        num_workers=workers, collate_fn=collate)])
+        assert torch.equal(got, alone), f"num_workers={workers}"
+
+
+def test_preset64_balance(train64):
+    from scipy.stats import chisquare
+
+    from evotok.data.evoshapes import factors
+
+    labels = np.asarray(train64.labels_NF)
+    for j, f in enumerate(FACTOR_KEYS):
+        counts = np.bincount(labels[:, j], minlength=len(factors(P64)[f]))
+        assert counts.min() > 0 and counts.max() / counts.min() < 1.25, (f, counts)
+        if f in ("count", "texture", "background", "color"):  # color: whole held-out diagonals keep it exact
+            assert chisquare(counts).pvalue > 0.01, (f, counts)
+
+
+def test_preset64_heldout_pairs(cache, train64):
+    held = set(heldout_pairs(0, 0.1, P64))
+    assert len(held) == len(FACTORS["color"])  # one whole diagonal: every colour loses one shape
+    assert len({c for c, _ in held}) == len(held) and len({s for _, s in held}) == len(held)
+    assert held != set(heldout_pairs(0, 0.1))  # the preset has its own pairs
+    cfg = _cfg(cache, preset=P64, resolution=64, train_size=2048, val_size=1024, test_size=1024)
+    for ds in (train64, EvoShapes(cfg, "val")):
+        assert not {(int(c), int(s)) for s, c in np.asarray(ds.labels_NF)[:, [0, 2]]} & held
+    ho = EvoShapes(cfg, "heldout")
+    assert {(int(c), int(s)) for s, c in np.asarray(ho.labels_NF)[:, [0, 2]]} == held
+
+
+def test_preset64_shapes_equal_area_differ_in_outline():
+    from evotok.data.evoshapes import _outline_cover, factors
+
+    names = factors(P64)["shape"]
+    k = len(names)
+    one = np.ones(k, np.float32)
+    cover = _outline_cover(P64, np.arange(k), 16 * one, 16 * one, 15 * one, 0 * one, 32)
+    area = cover.sum(axis=(1, 2))
+    assert area.max() / area.min() < 1.15, dict(zip(names, area))
+    m = cover > 0.5
+    iou = np.array([[(m[a] & m[b]).sum() / (m[a] | m[b]).sum() for b in range(k)] for a in range(k)])
+    off = iou[np.triu_indices(k, 1)]
+    assert off.max() < 0.95 and np.median(off) < 0.7, off
+    # the default's shapes at one size differ in mass as well (star vs square): what this preset removes
+    u = (np.arange(64) + 0.5) / 32 - 1.0
+    from evotok.data.evoshapes import _shape_mask
+
+    sq, st = (_shape_mask(n, u[None, :], u[:, None]).sum() for n in ("square", "star"))
+    assert sq / st > 1.5
+
+
+def test_preset64_texture_survives_4x_pooling():
+    from evotok.data.evoshapes import _texture_pattern
+
+    names = FACTORS["texture"]
+    for t in range(1, len(names)):  # every non-solid texture, every half-period, a few phases
+        for half in range(5, 9):
+            for ph in range(0, 16, 3):
+                pat = _texture_pattern(np.array([t]), np.array([half]), np.array([[ph, 2 * ph]]), 64, names)[0]
+                pooled = pat.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+                assert pooled.std() > 0.15, (names[t], half, ph, pooled.std())
+    # the 32 px default's 4 px period averages away under the same pooling
+    pat = _texture_pattern(np.array([3]), np.array([2]), np.array([[1, 2]]), 32, names)[0]
+    assert pat.reshape(8, 4, 8, 4).mean(axis=(1, 3)).std() < 1e-6
+
+
+def test_preset64_clutter_carries_no_label():
+    p = EvoShapesParams(preset=P64, resolution=64, noise_sigma=0.0)
+    g, clean = generate(p, "train", 0, 300), generate(p, "train", 0, 300, clutter=False)
+    np.testing.assert_array_equal(g.labels_NF, clean.labels_NF)
+    np.testing.assert_array_equal(g.cells_N4, clean.cells_N4)
+    diff = (g.images_NCHW != clean.images_NCHW).any(axis=1)
+    assert diff.any(axis=(1, 2)).mean() > 0.95  # nearly every image has visible marks
+    fg = _foreground(clean.images_NCHW, clean.labels_NF)
+    interior = np.stack([ndimage.binary_erosion(m, iterations=2) for m in fg])  # past the anti-aliased rim
+    assert not (diff & interior).any()  # marks lie under the objects, never on them
+    sizes = np.concatenate([np.bincount(ndimage.label(d)[0].ravel())[1:] for d in diff])
+    assert sizes.max() < 40  # every mark is far smaller than the smallest object (about 80 px)
+    c = 32
+    cells = np.stack([diff[:, :c, :c], diff[:, :c, c:], diff[:, c:, :c], diff[:, c:, c:]], axis=1).any(axis=(2, 3))
+    assert cells[~g.cells_N4].mean() > 0.3  # marks fall in empty cells too: not tied to objects
+    # without marks, empty cells are pure background and every object is one component
+    cover = np.stack([fg[:, :c, :c], fg[:, :c, c:], fg[:, c:, :c], fg[:, c:, c:]], axis=1).mean(axis=(2, 3))
+    assert (cover[~clean.cells_N4] == 0).all() and (cover[clean.cells_N4] > 0.04).all()
+    n_comp = np.array([ndimage.label(m, structure=np.ones((3, 3)))[1] for m in fg])
+    assert (n_comp == clean.labels_NF[:, 1] + 1).mean() > 0.97
