@@ -423,3 +423,16 @@ def test_preset64_clutter_carries_no_label():
     assert (cover[~clean.cells_N4] == 0).all() and (cover[clean.cells_N4] > 0.04).all()
     n_comp = np.array([ndimage.label(m, structure=np.ones((3, 3)))[1] for m in fg])
     assert (n_comp == clean.labels_NF[:, 1] + 1).mean() > 0.97
+
+
+def test_teacher_prompts_and_checker_heads_follow_the_preset():
+    from evotok.models.checker import build_checker
+    from evotok.models.teacher import class_prompts
+
+    from evotok.data import evoshapes
+
+    n_shapes = len(evoshapes.factors("evoshapes64")["shape"])
+    assert n_shapes == 12 and len(class_prompts("shape", "evoshapes64")) == n_shapes
+    assert len(class_prompts("shape")) == len(evoshapes.factors()["shape"]) == 8
+    assert build_checker(8, "evoshapes64").heads["shape"].out_features == n_shapes
+    assert build_checker(8).heads["shape"].out_features == 8

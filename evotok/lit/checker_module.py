@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from evotok.config import Config, from_dict, to_dict
 from evotok.lit.base import StageModule
+from evotok.data.evoshapes import preset_of
 from evotok.models.checker import FACTORS, Checker, build_checker
 
 
@@ -20,7 +21,7 @@ class CheckerModule(StageModule):
         super().__init__()
         self.cfg: Config = from_dict(config)
         self.save_hyperparameters({"config": to_dict(self.cfg, "checker")})
-        self.checker: Checker = build_checker(self.cfg.checker.width)
+        self.checker: Checker = build_checker(self.cfg.checker.width, preset_of(self.cfg.data))
         self._val: dict[str, torch.Tensor] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ def load_checker(run_or_ckpt) -> Checker:
     tree = (obj.get("hyper_parameters") or {}).get("config") or {}
     if "checker" not in tree:
         raise CheckpointError(f"{ckpt} is not a checker checkpoint (no checker section in its config)")
-    checker = build_checker(from_dict(tree).checker.width)
+    checker = build_checker(from_dict(tree).checker.width, preset_of(from_dict(tree).data))
     checker.load_state_dict({k[len("checker."):]: v for k, v in obj["state_dict"].items() if k.startswith("checker.")})
     return checker.eval()
 
@@ -95,6 +96,6 @@ def build(cfg: Config, upstream: dict) -> CheckerModule:
 
 
 def describe(cfg: Config) -> str:
-    n = sum(p.numel() for p in build_checker(cfg.checker.width).parameters())
+    n = sum(p.numel() for p in build_checker(cfg.checker.width, preset_of(cfg.data)).parameters())
     return (f"# checker: CNN of width {cfg.checker.width} with heads for {', '.join(FACTORS)}; {n / 1e6:.2f} M "
             f"parameters")

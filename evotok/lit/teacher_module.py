@@ -97,7 +97,10 @@ class TeacherModule(L.LightningModule):
     # ------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         with torch.no_grad():
-            self._classifiers = {f: zero_shot_classifier(self.teacher, class_prompts(f)) for f in ZERO_SHOT_FACTORS}
+            from evotok.data.evoshapes import preset_of
+
+            preset = preset_of(self.cfg.data)
+            self._classifiers = {f: zero_shot_classifier(self.teacher, class_prompts(f, preset)) for f in ZERO_SHOT_FACTORS}
         self._correct = {f: 0 for f in ZERO_SHOT_FACTORS}
         self._total = {f: 0 for f in ZERO_SHOT_FACTORS}
 

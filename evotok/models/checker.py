@@ -43,7 +43,9 @@ class Checker(nn.Module):
         return {f: v.argmax(-1) for f, v in self(images_BCHW).logits.items()}
 
 
-def build_checker(width: int) -> Checker:
-    from evotok.data.evoshapes import FACTORS as NAMES
+def build_checker(width: int, preset: str = "evoshapes") -> Checker:
+    """A checker with one head per factor, sized by the class counts of EvoShapes ``preset`` (``data.preset``)."""
+    from evotok.data.evoshapes import factors
 
-    return Checker(width, {f: len(NAMES[f]) for f in FACTORS})
+    names = factors(preset)
+    return Checker(width, {f: len(names[f]) for f in FACTORS})

@@ -466,24 +466,24 @@ def zero_shot_classifier(teacher: Teacher, prompt_sets: Sequence[Sequence[str] |
     return torch.stack(rows)
 
 
-def class_prompts(factor: str) -> list[list[str]]:
-    """EvoShapes zero-shot prompts for ``factor``: the per-class caption ensembles for semantic factors,
-    else one prompt per class."""
+def class_prompts(factor: str, preset: str = "evoshapes") -> list[list[str]]:
+    """EvoShapes zero-shot prompts for ``factor`` in the vocabulary of ``preset`` (``data.preset``): the per-class
+    caption ensembles for semantic factors, else one prompt per class."""
     from evotok.data import evoshapes
 
-    if factor in evoshapes.SEMANTIC_FACTORS and hasattr(evoshapes, "zero_shot_prompt_sets"):
-        return [list(p) for p in evoshapes.zero_shot_prompt_sets(factor)]
-    return [[p] for p in evoshapes.zero_shot_prompts(factor)]
+    if factor in evoshapes.SEMANTIC_FACTORS:
+        return [list(p) for p in evoshapes.zero_shot_prompt_sets(factor, preset=preset)]
+    return [[p] for p in evoshapes.zero_shot_prompts(factor, preset=preset)]
 
 
 @torch.no_grad()
 def zero_shot_accuracy(
-    teacher: Teacher, batches, factors: Sequence[str] = ("shape", "count"), max_images: int = 0
+    teacher: Teacher, batches, factors: Sequence[str] = ("shape", "count"), max_images: int = 0, preset: str = "evoshapes",
 ) -> dict[str, float]:
-    """Zero-shot accuracy per factor over ``batches`` (dicts with ``image`` and ``labels``)."""
+    """Zero-shot accuracy per factor over ``batches`` (dicts with ``image`` and ``labels``; EvoShapes ``preset``)."""
     was_training = teacher.training
     teacher.eval()
-    classifiers = {f: zero_shot_classifier(teacher, class_prompts(f)) for f in factors}
+    classifiers = {f: zero_shot_classifier(teacher, class_prompts(f, preset)) for f in factors}
     correct = {f: 0 for f in factors}
     total = {f: 0 for f in factors}
     seen = 0
