@@ -174,7 +174,7 @@ def cmd_data(args) -> int:
     if args.what == "preview":
         from evotok.data.preview import write_preview
 
-        out = write_preview(cfg, args.out, n=args.n, split=args.split)
+        out = write_preview(cfg, args.out or "evoshapes_preview.png", n=args.n, split=args.split)
         print(f"preview grid: {Path(out).resolve()}")
     elif args.what == "cache":
         from evotok.data import build_dataset
@@ -191,6 +191,20 @@ def cmd_data(args) -> int:
         tok_cfg = read_checkpoint(args.run)[0]
         data = with_overrides(tok_cfg, [o for o in args.overrides or [] if o.startswith("data.")]).data
         build_codes(args.run, data, args.split or "train")
+    elif args.what == "shards":
+        import dataclasses
+
+        from evotok.data.sources import shard_samples, write_shards
+
+        if not args.out:
+            raise ConfigError("evotok data shards needs --out DIR")
+        source = args.source or cfg.data.source
+        data = dataclasses.replace(cfg.data, source=source, root=args.root or cfg.data.root)
+        index = write_shards(shard_samples(data, source, args.split), args.out, args.per_shard, prefix=args.split)
+        import json
+
+        counts = [e["nsamples"] for e in json.loads(index.read_text())["shardlist"]]
+        print(f"{len(counts)} shard(s), {sum(counts)} samples of {source} split '{args.split}': {index.resolve()}")
     return 0
 
 
@@ -314,11 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="data tools: preview (labelled sample grid), cache (generate EvoShapes splits), "
-                                    "codes (encode a split once with a tokenizer run, for the generation stage)")
-    p.add_argument("what", choices=("preview", "cache", "codes"))
+                                    "codes (encode a split once with a tokenizer run, for the generation stage), "
+                                    "shards (write WebDataset tar shards + index.json; docs/data_sharding.md)")
+    p.add_argument("what", choices=("preview", "cache", "codes", "shards"))
     _add_config_args(p)
     p.add_argument("--run", default="", help="codes: the tokenizer run")
-    p.add_argument("--out", default="evoshapes_preview.png")
+    p.add_argument("--out", default="", help="preview: the PNG (default evoshapes_preview.png); shards: the folder")
+    p.add_argument("--source", default="", choices=("", "evoshapes", "folder"),
+                   help="shards: what to pack (default: data.source)")
+    p.add_argument("--root", default="", help="shards --source folder: the image folder (default: data.root)")
+    p.add_argument("--per-shard", type=int, default=1000, help="shards: samples per tar shard")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--split", default="train")
     p.set_defaults(func=cmd_data)

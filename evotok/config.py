@@ -190,6 +190,7 @@ class DataConfig:
     source: str = "evoshapes"  # evoshapes | folder | llava | webdataset | realphotos
     preset: str = "evoshapes"  # EvoShapes variant (DATA_PRESETS): evoshapes (32 px default) | evoshapes64 (harder, 64 px)
     root: str = ""  # folder / shard pattern / LLaVA JSON file, for the non-procedural sources
+    val_root: str = ""  # webdataset: val/test shard pattern (e.g. ImageNet val); set => no hash split of data.root
     image_root: str = ""  # where LLaVA JSON image paths are resolved (default: the JSON's folder)
     resolution: int = 32
     batch_size: int = 64  # per device

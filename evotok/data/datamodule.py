@@ -49,6 +49,14 @@ class IterableStageView(IterableDataset):
     def __init__(self, base: IterableDataset, stage: str) -> None:
         self.base, self.stage = base, stage
 
+    def __len__(self) -> int:
+        """The base's length (a WebDataset source: this rank's samples per epoch); TypeError when it has none."""
+        return len(self.base)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.base, "set_epoch", None)):
+            self.base.set_epoch(epoch)
+
     def __iter__(self) -> Iterator[dict]:
         spec = _spec(self.stage)
         view = spec.view_fn()
@@ -191,9 +199,15 @@ class EvoTokDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        if isinstance(ds, IterableDataset):
-            return self.dataloader("train", shuffle=True, drop_last=True)
         bs, seed = int(self.cfg.data.batch_size), int(self.cfg.data.seed)
+        if isinstance(ds, IterableDataset):
+            if not callable(getattr(ds, "set_epoch", None)):
+                return self.dataloader("train", shuffle=True, drop_last=True)
+            # WebDataset: the shard order and each rank's equal share follow (data.seed, epoch); a resumed
+            # run starts at its epoch, and ResumableLoader skips the batches it already trained on
+            ds.set_epoch(self._epoch())  # type: ignore[attr-defined]
+            gen = torch.Generator().manual_seed(seed + self._epoch())
+            return ResumableLoader(ds, batch_size=bs, generator=gen, **self._loader_kwargs())
         return ResumableLoader(
             ds, batch_size=bs, sampler=EpochShuffle(len(ds), seed), drop_last=len(ds) >= bs,  # type: ignore[arg-type]
             **self._loader_kwargs(),

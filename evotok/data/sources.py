@@ -4,7 +4,8 @@ All yield the common item schema (see evotok.data). Real images are resized (sho
 centre-cropped to ``data.resolution``; with ``data.augment`` the train split uses a random crop of a
 resize to 0-25% larger (as the paper's reference code) plus a horizontal flip. Train/val/test membership comes from a hash of each
 sample's key (relative path, record id, tar key), with split fractions proportional to
-``data.train_size : data.val_size : data.test_size`` (the sizes themselves only bound EvoShapes).
+``data.train_size : data.val_size : data.test_size`` (the sizes themselves only bound EvoShapes); a WebDataset
+config with a separate validation source (``data.val_root``) uses no hash split (docs/data_sharding.md).
 """
 
 from __future__ import annotations
@@ -379,14 +380,46 @@ def expand_shards(pattern: str) -> list[str]:
     return out
 
 
+INDEX_NAME = "index.json"  # per shard folder: {"__kind__": "wids-shard-index-v1", "shardlist": [{"url", "nsamples"}]}
+INDEX_KIND = "wids-shard-index-v1"  # webdataset's wids index format, so other readers can use it too
+SHUFFLE_BUFFER = 1000  # raw (undecoded) samples per consumer; decoded when drawn
+
+
+def val_root_of(data_cfg: Any) -> str:
+    """The separate validation source (``data.val_root``), or '' when the config has none: then train / val /
+    test come from a hash split of ``data.root``."""
+    return str(getattr(data_cfg, "val_root", "") or "")
+
+
+def root_for_split(data_cfg: Any, split: str) -> tuple[str, str, bool]:
+    """(pattern, config key it came from, hash-split?) for ``split``. With a separate validation source,
+    train reads all of data.root and val / test read all of data.val_root; no sample is held out."""
+    vr = val_root_of(data_cfg)
+    if not vr:
+        return str(data_cfg.root or ""), "data.root", True
+    return (str(data_cfg.root or ""), "data.root", False) if split == "train" else (vr, "data.val_root", False)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _consumer() -> tuple[int, int]:
     """(index, total) of this reader over distributed ranks x DataLoader workers."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = _dist_rank_world()
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * nw + wid, world * nw
+
+
+def _sample_key(name: str) -> Optional[str]:
+    d, _, base = name.rpartition("/")
+    stem, dot, _ = base.partition(".")
+    if not dot or base.startswith("."):
+        return None
+    return f"{d}/{stem}" if d else stem
 
 
 def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -397,11 +430,10 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         for m in tf:
             if not m.isfile():
                 continue
-            d, _, base = m.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot or base.startswith("."):
+            k = _sample_key(m.name)
+            if k is None:
                 continue
-            k = f"{d}/{stem}" if d else stem
+            ext = m.name.rpartition("/")[2].partition(".")[2]
             if k != key and key is not None:
                 yield key, cur
                 cur = {}
@@ -412,30 +444,175 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, cur
 
 
+def tar_keys(path: str) -> list[str]:
+    """The sample keys of a shard in tar order, from the member headers only (no image is read)."""
+    keys: list[str] = []
+    with tarfile.open(path, "r:*") as tf:
+        for m in tf:
+            k = _sample_key(m.name) if m.isfile() else None
+            if k is not None and (not keys or keys[-1] != k):
+                keys.append(k)
+    return keys
+
+
+def read_index(folder: str | Path) -> dict[str, int]:
+    """{absolute shard path: sample count} of ``folder/index.json``; {} when there is none."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        return {}
+    try:
+        idx = json.loads(path.read_text(encoding="utf-8"))
+        return {str((path.parent / e["url"]).resolve()): int(e["nsamples"]) for e in idx["shardlist"]}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"shard index '{path}' is not a {INDEX_KIND} file ({type(e).__name__}: {e})") from None
+
+
+def write_index(out_dir: str | Path, counts: Sequence[tuple[str, int]], name: str = "") -> Path:
+    """Write ``out_dir/index.json`` for shards (file name relative to out_dir, sample count)."""
+    out = Path(out_dir) / INDEX_NAME
+    out.write_text(json.dumps({"__kind__": INDEX_KIND, "wids_version": 1, "name": name,
+                               "shardlist": [{"url": u, "nsamples": int(n)} for u, n in counts]}, indent=1))
+    return out
+
+
+def write_shards(samples: Iterator[tuple[str, dict[str, bytes]]], out_dir: str | Path, per_shard: int,
+                 prefix: str = "train") -> Path:
+    """Pack (key, {ext: bytes}) samples into ``out_dir/<prefix>-000000.tar`` ... of ``per_shard`` samples
+    (the last one smaller) and write their index; returns the index path."""
+    if per_shard < 1:
+        raise DataError(f"--per-shard must be >= 1, got {per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: list[tuple[str, int]] = []
+    tf: Optional[tarfile.TarFile] = None
+    try:
+        for key, sample in samples:
+            if tf is None or counts[-1][1] >= per_shard:
+                if tf is not None:
+                    tf.close()
+                counts.append((f"{prefix}-{len(counts):06d}.tar", 0))
+                tf = tarfile.open(out / counts[-1][0], "w")
+            for ext, data in sample.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tf.addfile(info, io.BytesIO(data))
+            counts[-1] = (counts[-1][0], counts[-1][1] + 1)
+    finally:
+        if tf is not None:
+            tf.close()
+    if not counts:
+        raise DataError(f"no samples to write to '{out}'")
+    return write_index(out, counts, name=prefix)
+
+
+def consumer_ranges(counts: Sequence[int], rank: int, world: int, worker: int, num_workers: int,
+                    batch_size: int) -> list[tuple[int, int, int]]:
+    """This consumer's part of one epoch: [(position in ``counts``, first, stop)] sample ranges.
+
+    ``counts`` are the per-shard sample counts in this epoch's shard order, seen as one stream of N samples.
+    With world > 1 every rank gets the same B = N // (world * batch_size) full batches: rank r reads stream
+    positions [r*B*bs, (r+1)*B*bs) and the last N - world*B*bs are dropped this epoch (a different tail each
+    epoch, as the order is reshuffled). With one rank nothing is dropped (the last batch may be partial).
+    Inside a rank, batch i goes to DataLoader worker i % num_workers (the order in which the loader collects
+    them), so each worker yields whole batches and reads one contiguous range."""
+    n, bs = int(sum(counts)), int(batch_size)
+    per_rank = (n // (world * bs)) * bs if world > 1 else n
+    n_batches = -(-per_rank // bs)
+    sizes = [bs] * n_batches
+    if n_batches:
+        sizes[-1] = per_rank - (n_batches - 1) * bs
+    quota = [sum(sizes[w::num_workers]) for w in range(num_workers)]
+    lo = rank * per_rank + sum(quota[:worker])
+    hi = lo + quota[worker]
+    out, start = [], 0
+    for pos, c in enumerate(counts):
+        a, b = max(lo, start), min(hi, start + c)
+        if a < b:
+            out.append((pos, a - start, b - start))
+        start += c
+    return out
+
+
 class WebDatasetShards(IterableDataset):
-    """Streaming reader of WebDataset tar shards (``data.root`` = path or brace pattern). Image under
-    jpg/jpeg/png/webp, optional txt (caption) and json ({"caption", "labels", "conversations"}).
-    Shards are divided over ranks x workers (samples round-robin when there are fewer shards);
-    train shuffles shard order per pass and samples in a 256 buffer. Bad samples are skipped or
-    raise per data.on_bad_file at read time (shards are not scanned up front)."""
+    """Streaming reader of WebDataset tar shards (``data.root`` = path or brace pattern; val / test read
+    ``data.val_root`` when the config has one). Image under jpg/jpeg/png/webp, optional txt (caption) and
+    json ({"caption", "labels", "conversations"}).
+
+    Per epoch, every rank computes the same shard order (shuffled from data.seed and the epoch for train)
+    and the same per-shard counts (the folder's index.json, else counted from the tar headers), and
+    :func:`consumer_ranges` gives each (rank, worker) a disjoint contiguous range: no sample is read
+    twice in an epoch and, under DDP, every rank yields the same number of ``data.batch_size`` batches
+    (see docs/data_sharding.md). Train draws samples from a shuffle buffer. ``len()`` is this rank's sample
+    count. Rank and world size come from torch.distributed when the dataset is built (or ``rank`` /
+    ``world_size``); the epoch from :meth:`set_epoch`, then one more per pass of a persistent worker. A
+    sample that fails to decode is counted (data.on_bad_file) and skipped; with world_size > 1 the
+    consumer's next good sample is yielded once more in its place, so batch counts stay equal."""
 
     source = "webdataset"
 
-    def __init__(self, data_cfg: Any, split: str = "train") -> None:
+    def __init__(self, data_cfg: Any, split: str = "train", *, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, shuffle_buffer: int = SHUFFLE_BUFFER) -> None:
         _check_split(split, self.source)
-        pattern = data_cfg.root
+        pattern, key, self.hash_split = root_for_split(data_cfg, split)
         if not pattern:
-            raise DataError(f"config key 'data.root' is empty; source '{self.source}' needs a shard path or pattern")
+            raise DataError(f"config key '{key}' is empty; source '{self.source}' needs a shard path or pattern")
         self.shards = expand_shards(pattern)
         missing = [s for s in self.shards if not Path(s).is_file()]
         if not self.shards or missing:
-            raise DataError(f"config key 'data.root': shard file(s) not found: {', '.join(missing[:5]) or pattern}")
+            raise DataError(f"config key '{key}': shard file(s) not found: {', '.join(missing[:5]) or pattern}")
         self._cfg = data_cfg
         self.split, self.resolution, self.seed = split, int(data_cfg.resolution), int(data_cfg.seed)
+        self.batch_size = int(data_cfg.batch_size)
         self.augment = bool(data_cfg.augment) and split == "train"
         self.shuffle = split == "train"
+        self.shuffle_buffer = int(shuffle_buffer)
         self.bad_files = BadFiles(data_cfg.on_bad_file, self.source)
-        self._passes = 0
+        self._explicit = (rank, world_size)
+        self.rank, self.world_size = self._resolve_rank()
+        self.epoch, self._passes = 0, 0
+        self.counts = self._count()
+
+    def _resolve_rank(self) -> tuple[int, int]:
+        r, w = _dist_rank_world()
+        rank = r if self._explicit[0] is None else int(self._explicit[0])
+        world = w if self._explicit[1] is None else int(self._explicit[1])
+        if not 0 <= rank < world:
+            raise DataError(f"webdataset reader: rank {rank} is not in [0, world_size={world})")
+        return rank, world
+
+    def _count(self) -> list[int]:
+        """Samples of this split per shard (self.shards order): the index when every shard is in one and no
+        hash split applies, else the keys in the tar headers."""
+        idx: dict[str, int] = {}
+        for folder in {str(Path(s).resolve().parent) for s in self.shards}:
+            idx.update(read_index(folder))
+        counts = []
+        for s in self.shards:
+            n = idx.get(str(Path(s).resolve()))
+            if n is None or self.hash_split:
+                keys = tar_keys(s)
+                n = sum(split_of(k, self._cfg) == self.split for k in keys) if self.hash_split else len(keys)
+            counts.append(int(n))
+        if self.world_size > 1 and sum(counts) < self.world_size * self.batch_size:
+            raise DataError(f"split '{self.split}' has {sum(counts)} samples, fewer than world_size "
+                            f"{self.world_size} x data.batch_size {self.batch_size}: no rank would get a batch")
+        return counts
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called in the main process before an epoch's workers start; also re-reads rank / world size."""
+        self.epoch, self._passes = int(epoch), 0
+        self.rank, self.world_size = self._resolve_rank()
+
+    def __len__(self) -> int:
+        n = sum(self.counts)
+        return (n // (self.world_size * self.batch_size)) * self.batch_size if self.world_size > 1 else n
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Indices into self.shards in the order epoch ``epoch`` streams them (the same on every rank)."""
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 7]))
+        return [int(i) for i in rng.permutation(len(self.shards))]
 
     def _decode(self, key: str, sample: dict[str, bytes], index: int) -> Optional[dict]:
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
@@ -465,39 +642,91 @@ class WebDatasetShards(IterableDataset):
         image = image_to_tensor(img, self.resolution, _aug_rng(self) if self.augment else None)
         return make_item(image, index, self.source, labels=labels, caption=cap, conversations=conv, task=task)
 
-    def __iter__(self) -> Iterator[dict]:
-        me, total = _consumer()
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._passes, 7]))
-        self._passes += 1
-        shards = list(self.shards)
-        if self.shuffle:
-            shards = [shards[i] for i in rng.permutation(len(shards))]
-        by_shard = len(shards) >= total
-        if by_shard:
-            shards = shards[me::total]
-        buf: list[dict] = []
-        n_seen = 0
-        for shard in shards:
+    def _raw(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(stable index, key, raw sample) of this consumer's ranges, in stream order."""
+        order = self.shard_order(epoch)
+        base = np.concatenate([[0], np.cumsum(self.counts)])  # stable index = offset in the unshuffled list
+        ranges = consumer_ranges([self.counts[i] for i in order], self.rank, self.world_size, worker, num_workers,
+                                 self.batch_size)
+        for pos, a, b in ranges:
+            shard = self.shards[order[pos]]
+            j = 0
             try:
                 for key, sample in _tar_samples(shard):
-                    if split_of(key, self._cfg) != self.split:
+                    if self.hash_split and split_of(key, self._cfg) != self.split:
                         continue
-                    n_seen += 1
-                    if not by_shard and (n_seen - 1) % total != me:
-                        continue
-                    item = self._decode(key, sample, n_seen - 1)
-                    if item is None:
-                        continue
-                    if not self.shuffle:
-                        yield item
-                        continue
-                    buf.append(item)
-                    if len(buf) >= 256:
-                        yield buf.pop(int(rng.integers(len(buf))))
+                    if a <= j < b:
+                        yield int(base[order[pos]]) + j, key, sample
+                    j += 1
+                    if j >= b:
+                        break
             except (tarfile.TarError, OSError, EOFError) as e:
                 self.bad_files.add_at_load(shard, f"unreadable shard: {type(e).__name__}: {e}")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch + self._passes
+        self._passes += 1
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank, wid, 11]))
+        raw = self._raw(epoch, wid, nw)
+        if self.shuffle:
+            raw = self._shuffled(raw, rng)
+        last, owed = None, 0
+        for index, key, sample in raw:
+            item = self._decode(key, sample, index)
+            if item is None:
+                owed += self.world_size > 1  # keep every rank's batch count: the next good sample fills in
+                continue
+            last = item
+            yield item
+            while owed:
+                owed -= 1
+                yield last
+        if owed and last is None:
+            raise DataError(f"source '{self.source}': no sample of split '{self.split}' could be decoded "
+                            f"by reader (rank {self.rank}, worker {wid})")
+        for _ in range(owed):
+            yield last  # type: ignore[misc]
+
+    def _shuffled(self, raw: Iterator, rng: np.random.Generator) -> Iterator:
+        buf: list = []
+        for s in raw:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(int(rng.integers(len(buf))))
         while buf:
             yield buf.pop(int(rng.integers(len(buf))))
+
+
+def _png(image_CHW: torch.Tensor) -> bytes:
+    a = (image_CHW.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shard_samples(data_cfg: Any, source: str, split: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of a dataset, for :func:`write_shards`: EvoShapes as PNG + json {caption,
+    labels, conversations}; an image folder as its original files (+ json {caption} from <stem>.txt)."""
+    if source == "evoshapes":
+        from evotok.data.evoshapes import EvoShapes
+
+        ds = EvoShapes(data_cfg, split)
+        for i in range(len(ds)):
+            it = ds[i]
+            meta = {"caption": it["caption"], "labels": it["labels"], "conversations": it["conversations"]}
+            yield f"{split}-{i:08d}", {"png": _png(it["image"]), "json": json.dumps(meta).encode()}
+    elif source == "folder":
+        ds = ImageFolder(data_cfg, split)
+        for i, p in enumerate(ds.paths):
+            ext = p.suffix.lower().lstrip(".")
+            txt = p.with_suffix(".txt")
+            meta = {"caption": txt.read_text(errors="replace").strip() if txt.is_file() else "",
+                    "path": ds.rel_paths[i]}
+            yield f"{i:08d}", {ext: p.read_bytes(), "json": json.dumps(meta).encode()}
+    else:
+        raise DataError(f"evotok data shards: --source {source!r} is not one of evoshapes, folder")
 
 
 # ------------------------------------------------------------------------------------- real photos
