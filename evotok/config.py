@@ -644,8 +644,9 @@ def validate(cfg: Config, stage: Optional[str] = None) -> None:
     for key in ("mllm.phase", "gen.phase"):
         if _get(cfg, key) not in (1, 2):
             raise ConfigError(f"config key '{key}' must be 1 or 2, got {_get(cfg, key)}")
-    if cfg.trainer.global_batch_size:
-        per_step = cfg.data.batch_size * _num_devices(cfg.trainer.devices) * cfg.trainer.num_nodes
+    n_devices = _num_devices(cfg.trainer.devices)
+    if cfg.trainer.global_batch_size and n_devices is not None:  # "auto": checked when the Trainer is built
+        per_step = cfg.data.batch_size * n_devices * cfg.trainer.num_nodes
         if cfg.trainer.global_batch_size % per_step:
             raise ConfigError(
                 f"config key 'trainer.global_batch_size' = {cfg.trainer.global_batch_size} is not a multiple of "
@@ -676,20 +677,36 @@ def validate_tokenizer(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.sem_folds' must be positive, got {cfg.loss.sem_folds}")
 
 
-def _num_devices(devices: Any) -> int:
+def _num_devices(devices: Any) -> Optional[int]:
+    """Devices per node that ``trainer.devices`` names, when the config alone says it (as Lightning reads the
+    value: an int count, a list of indices, "N" or "i,j,..."); None for "auto" / -1 (all devices: known only
+    on the machine, see :func:`accumulate_steps`)."""
+    if isinstance(devices, bool):
+        return 1
     if isinstance(devices, int):
-        return max(devices, 1)
+        return None if devices == -1 else max(devices, 1)
     if isinstance(devices, (list, tuple)):
         return max(len(devices), 1)
-    return 1  # "auto": resolved by Lightning; one device on CPU
+    text = str(devices).strip()
+    if text in ("auto", "-1", ""):
+        return None
+    if "," in text:
+        return max(len([t for t in text.split(",") if t.strip()]), 1)
+    return max(int(text), 1) if text.isdigit() else None
 
 
 def accumulate_steps(cfg: Config) -> int:
-    """Gradient accumulation: derived from trainer.global_batch_size when that is set."""
+    """Gradient accumulation: derived from trainer.global_batch_size when that is set, for the device count
+    of this node (``devices: auto`` / -1 are resolved through Lightning's accelerators here)."""
     if not cfg.trainer.global_batch_size:
         return cfg.trainer.accumulate
-    per_step = cfg.data.batch_size * _num_devices(cfg.trainer.devices) * cfg.trainer.num_nodes
-    return cfg.trainer.global_batch_size // per_step
+    n = _num_devices(cfg.trainer.devices)
+    if n is None:
+        from evotok.lit.train import device_count
+
+        n = device_count(cfg.trainer.accelerator, cfg.trainer.devices)
+    per_step = cfg.data.batch_size * n * cfg.trainer.num_nodes
+    return max(cfg.trainer.global_batch_size // per_step, 1)
 
 
 def to_dict(cfg: Config, stage: Optional[str] = None) -> dict:

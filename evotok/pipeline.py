@@ -206,6 +206,9 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
     for o in base:
         if not any(stage_reads(st, override_key(o)) for st in stages):
             raise ConfigError(f"override '{o}' is read by no stage of pipeline '{label}' (stages: {', '.join(sorted(stages))})")
+    from evotok.runs import is_rank_zero
+
+    rank_zero = is_rank_zero()
     forced = any(override_key(o) == "run.overwrite" and o.partition("=")[2].lower() in ("true", "1") for o in base)
     t0 = time.time()
     records: list[StepRecord] = []
@@ -217,6 +220,8 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
         status, outputs, run_dir, ident = "ran", [], "", ""
         if only and stage not in only and not (kind == "train" and stage in needed):
             continue  # --only: neither one of the stages to run nor one they read
+        if kind != "train" and not rank_zero:
+            continue  # under a multi-rank launch only global rank 0 evaluates, draws and records
         print(f"\n=== [{label} {i + 1}/{n}] {kind} {stage} (pipeline time {time.time() - t0:.0f} s) ===")
         if kind == "data_preview":
             from evotok.data.preview import write_preview
@@ -293,6 +298,8 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
     folder = Path((common_cfg.run.dir if common_cfg is not None else "runs")) / "pipelines" / run_name
     if only:
         folder = folder / f"only_{'_'.join(sorted(only))}"
+    if not rank_zero:
+        return runs
     report = write_report(folder, label, records, total)
     print(f"\n{label} pipeline done in {total:.0f} s:")
     print(summary_table(records))

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from evotok.config import REPO_ROOT, Config, ConfigError, from_dict, leaf_paths, to_dict, to_yaml
 from evotok.errors import UserError
@@ -278,18 +278,80 @@ def prepare_run(cfg: Config, stage: str) -> "tuple[RunDir, dict[str, Upstream]]"
     return run, upstream
 
 
+# Environment variables through which launchers give a process its rank: torchrun (RANK, GROUP_RANK = node, LOCAL_RANK),
+# SLURM's srun (SLURM_PROCID), Lightning's own DDP launcher, which re-runs the command for ranks 1.. (LOCAL_RANK,
+# NODE_RANK). Read before a Trainer exists; afterwards ``trainer.is_global_zero`` says the same.
+RANK_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+# Variables a launcher gives every rank of one launch alike, before any process starts: they identify the launch, so
+# a rank waiting for rank 0's run folder can tell this launch's provenance.json from an earlier one's.
+LAUNCH_ENV = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT")
+EXTERNAL_ENV = ("MASTER_ADDR", "MASTER_PORT")  # part of the launch id where the launcher started every rank itself
+RUN_WAIT_S = 600.0  # how long ranks > 0 wait for rank 0 to create the run folder
+
+
+def is_rank_zero(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this process is global rank 0 by its launcher's variables (:data:`RANK_ENV`): a process any of
+    them marks non-zero is not. Without any (one process, or rank 0 of Lightning's launcher, which starts the
+    other ranks later, from inside ``trainer.fit``) it is."""
+    env = os.environ if env is None else env
+    for key in RANK_ENV:
+        value = str(env.get(key, "")).strip()
+        if value and value.lstrip("-").isdigit() and int(value) != 0:
+            return False
+    return True
+
+
+def launch_id(env: Optional[Mapping[str, str]] = None) -> str:
+    """What identifies this launch, the same on every rank (:data:`LAUNCH_ENV`; with torchrun or srun also the
+    rendezvous address); "" for one process and under Lightning's own launcher (its ranks > 0 start after rank 0
+    created the run folder, so they need not tell launches apart)."""
+    env = os.environ if env is None else env
+    keys = list(LAUNCH_ENV)
+    if env.get("RANK") or env.get("SLURM_PROCID"):
+        keys += EXTERNAL_ENV
+    return ";".join(f"{k}={env[k]}" for k in keys if env.get(k))
+
+
+def wait_for_run(run: RunDir, launch: str, timeout_s: float = RUN_WAIT_S, poll_s: float = 0.5) -> RunDir:
+    """On ranks > 0: wait until rank 0 has created ``run`` for this launch (its provenance.json, written last by
+    :func:`create_run`, names ``launch``; with no launch id, until it exists). Writes nothing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if run.provenance.is_file():
+            try:
+                seen = json.loads(run.provenance.read_text()).get("launch", "")
+            except (OSError, json.JSONDecodeError):  # being replaced just now
+                seen = None
+            if seen is not None and (not launch or seen == launch):
+                return run
+        if time.monotonic() > deadline:
+            raise RunError(
+                f"rank > 0 waited {timeout_s:.0f} s for rank 0 to create the run folder {run.path} "
+                f"(provenance.json of launch {launch or '(no launcher id)'}): did rank 0 fail, or does rank 0 see "
+                "another run.dir (ranks on several nodes need run.dir on a shared filesystem)?"
+            )
+        time.sleep(poll_s)
+
+
 def create_run(
     cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, upstream: "Optional[dict[str, Upstream]]" = None,
-    extra: Optional[dict[str, Any]] = None,
+    extra: Optional[dict[str, Any]] = None, rank_zero: Optional[bool] = None,
 ) -> RunDir:
     """Create (or re-open for resuming) the run folder and write config.yaml (what ``stage`` reads) and
     provenance.json (with the upstream records and ``extra``, e.g. the module's resolved input normalisation).
     ``run.overwrite=true`` deletes the old folder first, so no
     file of an earlier run (checkpoints, tb/, metrics.json, figures) survives into the new one; a resumed run
-    keeps everything it wrote. Call :func:`prepare_run` first."""
+    keeps everything it wrote. Call :func:`prepare_run` first.
+
+    Only global rank 0 (``rank_zero``; by default :func:`is_rank_zero` of the launcher's variables) writes: the
+    other ranks of a multi-process run write nothing and wait for rank 0's provenance.json of this launch
+    (:func:`wait_for_run`), so a rank never resumes from a checkpoint that rank 0's ``run.overwrite`` is deleting."""
     from evotok.handover import records
 
     run = RunDir(run_path(cfg, stage))
+    launch = launch_id()
+    if not (is_rank_zero() if rank_zero is None else rank_zero):
+        return wait_for_run(run, launch)
     if cfg.run.overwrite and run.path.exists():
         shutil.rmtree(run.path)
     for p in (run.path, run.checkpoints, run.tb, run.figures):
@@ -298,7 +360,10 @@ def create_run(
     prov = provenance(cfg, stage, argv)
     prov["upstream"] = records(upstream or {}, run.path)
     prov.update(extra or {})
-    run.provenance.write_text(json.dumps(prov, indent=2) + "\n")
+    prov["launch"] = launch
+    tmp = run.provenance.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(prov, indent=2) + "\n")
+    tmp.replace(run.provenance)  # atomic: ranks > 0 poll this file (wait_for_run)
     return run
 
 

@@ -229,3 +229,15 @@ def test_cached_teacher_tokens_refuse_augmented_images():
     with pytest.raises(ConfigError, match=r"teacher\.cache_features.*data\.augment"):
         load_config(None, ["teacher.cache_features=true", "data.augment=true"])
     assert load_config(None, ["teacher.cache_features=true"]).teacher.cache_features
+
+
+def test_global_batch_accumulation_reads_device_lists_and_strings_as_lightning_does():
+    from evotok.config import _num_devices, accumulate_steps
+
+    assert [_num_devices(v) for v in (1, 4, [0, 1, 2], "0,1", "3", "auto", -1, "-1")] == [1, 4, 3, 2, 3, None, None, None]
+    cfg = load_config(None, ["data.batch_size=8", "trainer.global_batch_size=64", "trainer.devices=[0,1]"])
+    assert accumulate_steps(cfg) == 4  # 64 / (8 x 2)
+    # devices=auto on this CPU machine: Lightning's CPU accelerator counts one device
+    cfg = load_config(None, ["data.batch_size=8", "trainer.global_batch_size=64", "trainer.devices=auto",
+                             "trainer.accelerator=cpu"])
+    assert accumulate_steps(cfg) == 8

@@ -10,7 +10,8 @@ checked by the non-finite guard; without it the step's returned loss is checked 
 
 Order, so that a failure leaves nothing behind: resolve and fingerprint the upstream runs, check the run
 folder (finished? resumable with the same model and upstreams?), build the module (this loads the upstream
-models), then create the run folder and train.
+models), then create the run folder and train. Under several processes (Lightning's launcher, torchrun, srun) only
+global rank 0 creates and writes the run folder (docs/multinode.md); the other ranks wait for it and write nothing.
 
 Fault tolerance (README "Fault tolerance"): checkpoints are written atomically (:class:`AtomicCheckpointIO`; the
 previous last.ckpt stays as last.prev.ckpt until the new one is complete) every ``trainer.ckpt_every_n_steps`` and
@@ -451,6 +452,27 @@ def choose_strategy(cfg: Config, module: Any):
     return DDPStrategy(find_unused_parameters=True, start_method="fork" if interactive else "popen")
 
 
+def check_global_batch(cfg: Config, trainer: Any) -> None:
+    """``trainer.global_batch_size`` is what every optimiser step sees: data.batch_size x the devices the Trainer
+    really uses x num_nodes x the derived accumulation. The derivation (evotok.config.accumulate_steps) counts
+    ``trainer.devices: auto`` and device strings as one device; where that differs from the Trainer's count the run
+    would silently train with another global batch, so it stops here, naming the keys."""
+    from evotok.config import ConfigError
+
+    t = cfg.trainer
+    if not t.global_batch_size:
+        return
+    acc = accumulate_steps(cfg)
+    per_step = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes
+    if per_step * acc != t.global_batch_size:
+        raise ConfigError(
+            f"config key 'trainer.global_batch_size' = {t.global_batch_size}, but the Trainer runs "
+            f"{trainer.num_devices} device(s) per node x trainer.num_nodes={trainer.num_nodes} x "
+            f"data.batch_size={cfg.data.batch_size} x accumulation {acc} (derived from trainer.devices="
+            f"{t.devices!r}) = {per_step * acc}: set trainer.devices to the device count ({trainer.num_devices})"
+        )
+
+
 def make_datamodule(cfg: Config, stage: str, module: Any):
     """The one DataModule, seen through ``stage``'s view; its collate from the stage module's
     ``make_collate(cfg, module)`` when it has one (language-model stages tokenise with the module's tokenizer)."""
@@ -485,9 +507,11 @@ def train(cfg: Config, stage: str, argv: Optional[Sequence[str]] = None, datamod
     if datamodule is None:
         datamodule = make_datamodule(cfg, stage, module)
     extra = getattr(module, "provenance_extra", None)  # what the module resolved (e.g. input normalisation)
+    # only global rank 0 writes the run folder (config.yaml, provenance.json); other ranks wait for it
     run = create_run(cfg, stage, argv, upstream, extra=extra() if extra is not None else None)
     recs = records(upstream, run.path)
     trainer = build_trainer(cfg, run, module, stage, recs)
+    check_global_batch(cfg, trainer)
     ckpt = run.resume_checkpoint()  # warns when last.ckpt is unreadable and last.prev.ckpt is taken
     if trainer.is_global_zero:
         tidy_checkpoints(run, ckpt)
