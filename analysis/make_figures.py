@@ -22,7 +22,7 @@ A run may also be given as a features ``.npz`` (then no checkpoint is needed).
 
 ``view`` / ``pooling`` choose the feature of the t-SNE map (that view's per-position features), the cluster
 grids and ``nmi.png`` / ``nmi.json`` (default: cumulative z_l, mean-pooled, as in the paper); ``probes=False``
-skips the probe set. A features file of an older format gets probes for the views it holds.
+skips the probe set, ``probes="all"`` adds the per-position probes (slow: one row per image and position). A features file of an older format gets probes for the views it holds.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def make_figures(
     device: str = "auto",
     view: str = "z",
     pooling: str = "mean",
-    probes: bool = True,
+    probes: bool | str = True,
 ) -> Path:
     """Extract (cached) and draw the figure set described in the module docstring; returns ``index.html``."""
     if not runs:
@@ -152,7 +152,12 @@ def make_figures(
             save_figure(fig, run_out, "nmi")
             figs.append(("nmi", "NMI between K-means clusters and each factor (solid: semantic, dashed: low-level)"))
             if probes:
-                res = analyse_views(feats, k=k, seed=seed, nmi={f"{view}/{pooling}": nmi})
+                from analysis.extract import available_views
+
+                # per-position probes fit on images x positions rows: many minutes on 2 cores at 512 images,
+                # so they run only with probes="all"
+                chosen = [vp for vp in available_views(feats) if probes == "all" or vp[1] != POSITION]
+                res = analyse_views(feats, views=chosen, k=k, seed=seed, nmi={f"{view}/{pooling}": nmi})
                 probes_all[name] = {"lpix": lpix, "lsem": lsem, "L": L, "split": split, **res}
                 for stem, fig, caption in figures_by_pooling(res, lpix, lsem, semantic, lowlevel, name=name):
                     save_figure(fig, run_out, stem)

@@ -346,7 +346,8 @@ def test_make_figures_on_synthetic_runs(tmp_path, fake_compute):
     runs = [_fake_run(tmp_path / "a", "seed0", metrics=full), _fake_run(tmp_path / "b", "seed0", metrics=full),
             _fake_run(tmp_path, "no_metrics", lpix=4, lsem=3)]
     out = tmp_path / "figs"
-    kw = dict(n_images=96, n_positions=40, depths=(1, 4, 8, 16), k=4, tsne_points=120, tsne_max_iter=250)
+    kw = dict(n_images=96, n_positions=40, depths=(1, 4, 8, 16), k=4, tsne_points=120, tsne_max_iter=250,
+              probes="all")  # with the per-position probes (the default skips them: slow at 512 images)
     index = make_figures(runs, out, **kw)
     assert index == out / "index.html" and len(fake_compute) == 3
     names = ["a_seed0", "b_seed0", "no_metrics"]
