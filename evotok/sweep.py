@@ -301,14 +301,17 @@ def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
     for p in points:
         key = ", ".join(f"{k}={v}" for k, v in p.values.items()) or "(base)"
         row = rows.setdefault(key, {"point": key, "values": p.values, "metrics": {}})
+        paths: dict[str, Path] = {}
         for col, stage, how in METRICS:
-            step = next((s for s in p.spec["steps"] if s["do"] == "train" and s["stage"] == stage), None)
+            step = next((s for s in reversed(p.spec["steps"]) if s["do"] == "train" and s["stage"] == stage), None)
             if step is None:
                 continue
-            cfg = load_config(step.get("config"), [f"run.name={step['name']}", *step.get("overrides", []),
-                                                   *[o for o in _global(spec, overrides) if stage_reads(stage, override_key(o))]],
-                              stage=stage)
-            v = _read_metric(Path(run_path(cfg, stage)), how)
+            if stage not in paths:  # the stage's last training step (e.g. phase 2) holds its metrics
+                cfg = load_config(step.get("config"), [f"run.name={step['name']}", *step.get("overrides", []),
+                                                       *[o for o in _global(spec, overrides) if stage_reads(stage, override_key(o))]],
+                                  stage=stage)
+                paths[stage] = Path(run_path(cfg, stage))
+            v = _read_metric(paths[stage], how)
             cell = row["metrics"].setdefault(col, {"values": [], "expected": 0})
             cell["expected"] += 1
             if v is not None:

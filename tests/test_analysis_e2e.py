@@ -47,7 +47,7 @@ def test_tiny_checkpoint_to_figure_set(tiny_run, tmp_path):
 
     run, cfg = tiny_run
     kw = dict(n_images=N_IMAGES, n_positions=150, depths=(1, 2, 3, 16), k=4, tsne_points=240, tsne_max_iter=250,
-              device="cpu")
+              device="cpu", probes=False)  # the probes have their own tests (tests/test_probes.py)
     with threadpool_limits(1):
         index = make_figures([run.path], tmp_path / "figs", **kw)
 

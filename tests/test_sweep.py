@@ -1,5 +1,5 @@
 """Sweeps: expansion into points that share their common upstream runs, the print executor, --collect over
-partial results, and the slurm executor through submitit's local backend on a real 2-point sweep."""
+partial results, and the slurm executor through submitit's debug backend on a real 2-point sweep."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ steps:
 
 
 @pytest.mark.slow  # part of make test, not of make test-fast
-def test_slurm_executor_with_submitits_local_backend_submits_and_collects(tmp_path):
+def test_slurm_executor_with_submitits_debug_backend_submits_and_collects(tmp_path):
     pipe = tmp_path / "pipe.yaml"
     pipe.write_text(PIPE)
     sweep = tmp_path / "two.yaml"
@@ -98,7 +98,7 @@ def test_slurm_executor_with_submitits_local_backend_submits_and_collects(tmp_pa
     overrides = [f"run.dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_size=64",
                  "data.val_size=16", "data.test_size=16", "data.batch_size=8", "trainer.threads=1",
                  "trainer.progress_bar=false"]
-    jobs_done = run_sweep(str(sweep), executor="slurm", overrides=overrides, cluster="local")
+    jobs_done = run_sweep(str(sweep), executor="slurm", overrides=overrides, cluster="debug")  # in this process; each job still runs the CLI in a subprocess
     assert len(jobs_done) == 3  # the shared teacher, then one tokenizer per point
     teachers = list((tmp_path / "runs" / "teacher").iterdir())
     assert [t.name for t in teachers] == ["two_shared"]
