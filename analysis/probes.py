@@ -306,6 +306,46 @@ def _panels(n: int, title: Optional[str]) -> tuple[Figure, list]:
     return fig, axes
 
 
+def _curve_panels(
+    panels: Mapping[str, Mapping[str, Sequence[Optional[float]]]],
+    lpix: Optional[int],
+    lsem: Optional[int],
+    semantic: Sequence[str],
+    lowlevel: Sequence[str],
+    title: Optional[str],
+    ylabel: str,
+    ylim: tuple[float, float],
+    label_note: Optional[Mapping[str, Mapping[str, str]]] = None,
+    chance_line: bool = False,
+) -> Figure:
+    """One panel per entry of ``panels`` ({panel title: {factor: value per depth}}), one curve per factor over
+    depth (semantic solid, low-level dashed; a factor keeps its colour in every panel, legend in the first);
+    ``label_note[panel][factor]`` is appended to the legend label; ``chance_line`` draws 0 (gid ``chance``)."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"].colors
+    factors = list(dict.fromkeys(f for c in panels.values() for f in c))
+    fig, axes = _panels(len(panels), title)
+    for ax, (name, curves) in zip(axes, panels.items()):
+        for f, vals in curves.items():
+            v = np.asarray([np.nan if x is None else x for x in vals], dtype=np.float64)
+            style, kind = _style(f, semantic, lowlevel)
+            note = (label_note or {}).get(name, {}).get(f, "")
+            ax.plot(np.arange(1, len(v) + 1), v, style, marker="o", markersize=3,
+                    color=colors[factors.index(f) % len(colors)], label=f"{f} ({kind}{note})")
+        if chance_line:
+            ax.axhline(0.0, color="0.6", linewidth=0.8, gid=CHANCE_GID)
+        mark_depths(ax, lpix, lsem)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("depth $l$")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(*ylim)
+        integer_depth_axis(ax)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    return fig
+
+
 def plot_probe_views(
     probes: Mapping[str, Mapping[str, Mapping[str, Any]]],
     lpix: Optional[int],
@@ -318,31 +358,13 @@ def plot_probe_views(
     factor of the normalised probe score over depth (x = 1..L; semantic solid, low-level dashed), the chance level
     (0) as a grey line (gid ``chance``); the legend (first panel; a factor keeps its colour in every panel) names
     each factor's chance rate."""
-    from matplotlib import colormaps
-
     if not probes:
         raise ValueError("plot_probe_views needs at least one view")
-    colors = colormaps["tab10"].colors
-    factors = list(dict.fromkeys(f for p in probes.values() for f in p))
-    fig, axes = _panels(len(probes), title)
-    for ax, (name, probe) in zip(axes, probes.items()):
-        for f, r in probe.items():
-            v = np.asarray([np.nan if s is None else s for s in r["normalized"]], dtype=np.float64)
-            style, kind = _style(f, semantic, lowlevel)
-            chance = r.get("chance")
-            ch = "" if chance is None or not math.isfinite(chance) else f", chance {chance:.2f}"
-            ax.plot(np.arange(1, len(v) + 1), v, style, marker="o", markersize=3,
-                    color=colors[factors.index(f) % len(colors)], label=f"{f} ({kind}{ch})")
-        ax.axhline(0.0, color="0.6", linewidth=0.8, gid=CHANCE_GID)
-        mark_depths(ax, lpix, lsem)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("depth $l$")
-        ax.set_ylabel("probe (acc - chance) / (1 - chance)")
-        ax.set_ylim(-0.2, 1.05)
-        integer_depth_axis(ax)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, loc="best")  # colours are per factor in every panel
-    return fig
+    curves = {name: {f: r["normalized"] for f, r in probe.items()} for name, probe in probes.items()}
+    notes = {name: {f: "" if r.get("chance") is None or not math.isfinite(r["chance"]) else f", chance {r['chance']:.2f}"
+                    for f, r in probe.items()} for name, probe in probes.items()}
+    return _curve_panels(curves, lpix, lsem, semantic, lowlevel, title, "probe (acc - chance) / (1 - chance)",
+                         (-0.2, 1.05), label_note=notes, chance_line=True)
 
 
 def plot_nmi_views(
@@ -355,28 +377,9 @@ def plot_nmi_views(
 ) -> Figure:
     """One panel per view (``{panel title: {factor: [NMI per depth]}}``), one curve per factor (legend in the first
     panel)."""
-    from matplotlib import colormaps
-
     if not nmi:
         raise ValueError("plot_nmi_views needs at least one view")
-    colors = colormaps["tab10"].colors
-    factors = list(dict.fromkeys(f for c in nmi.values() for f in c))
-    fig, axes = _panels(len(nmi), title)
-    for ax, (name, curves) in zip(axes, nmi.items()):
-        for f, v in curves.items():
-            v = np.asarray([np.nan if x is None else x for x in v], dtype=np.float64)
-            style, kind = _style(f, semantic, lowlevel)
-            ax.plot(np.arange(1, len(v) + 1), v, style, marker="o", markersize=3,
-                    color=colors[factors.index(f) % len(colors)], label=f"{f} ({kind})")
-        mark_depths(ax, lpix, lsem)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("depth $l$")
-        ax.set_ylabel("NMI(K-means clusters, factor)")
-        ax.set_ylim(0, 1.05)
-        integer_depth_axis(ax)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, loc="best")  # colours are per factor in every panel
-    return fig
+    return _curve_panels(nmi, lpix, lsem, semantic, lowlevel, title, "NMI(K-means clusters, factor)", (0, 1.05))
 
 
 def figures_by_pooling(result: Mapping[str, Any], lpix: Optional[int], lsem: Optional[int],
