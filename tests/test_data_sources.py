@@ -179,3 +179,46 @@ def test_factory_rejects_unknown():
         build_dataset(_cfg(source="imagenet"), "train")
     with pytest.raises(DataError, match="heldout"):
         build_dataset(_cfg(source="realphotos"), "heldout")
+
+
+def test_augmentation_is_exact_across_workers_and_a_mid_epoch_resume(folder):
+    """Each sample's crop and flip depend on (seed, epoch, index) alone: 0 or 2 workers give the same
+    batches, a loader resumed mid-epoch continues with exactly the uninterrupted run's batches, and the
+    augmentation of one image differs from epoch to epoch."""
+    from evotok.config import load_config
+    from evotok.data.datamodule import EvoTokDataModule
+
+    def loader(workers: int):
+        cfg = load_config(None, ["data.source=folder", f"data.root={folder}", "data.augment=true",
+                                 f"data.num_workers={workers}", "data.batch_size=4", "data.train_size=20",
+                                 "data.val_size=2", "data.test_size=2"], stage="tokenizer")
+        dm = EvoTokDataModule(cfg, "tokenizer")
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def epochs(dl, served_in_first: int = 0, first: int = 0) -> list[torch.Tensor]:
+        out = []
+        for epoch in (first, first + 1):
+            dl.sampler.set_epoch(epoch)
+            if served_in_first and epoch == first:
+                dl.load_state_dict({"served": served_in_first})
+            out += [b["image"] for b in dl]
+        return out
+
+    ref = epochs(loader(0))
+    assert len(ref) >= 6
+    par = epochs(loader(2))
+    assert all(torch.equal(a, b) for a, b in zip(ref, par)) and len(par) == len(ref)
+    per_epoch = len(ref) // 2
+    resumed = epochs(loader(2), served_in_first=2, first=0)  # killed after 2 batches of epoch 0
+    assert len(resumed) == len(ref) - 2
+    assert all(torch.equal(a, b) for a, b in zip(ref[2:], resumed))
+    resumed1 = epochs(loader(0), served_in_first=1, first=1)[: per_epoch - 1]  # killed in epoch 1
+    assert all(torch.equal(a, b) for a, b in zip(ref[per_epoch + 1:], resumed1))
+    # the same image, augmented differently in the two epochs
+    dl = loader(0)
+    ds = dl.dataset
+    from evotok.data.datamodule import EpochIndex
+
+    assert not torch.equal(ds[EpochIndex(3, 0)]["image"], ds[EpochIndex(3, 1)]["image"])
+    assert torch.equal(ds[EpochIndex(3, 1)]["image"], ds[EpochIndex(3, 1)]["image"])

@@ -40,6 +40,8 @@ class StageView(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         j = self.indices[i] if self.indices is not None else i
+        if self.indices is not None and isinstance(i, EpochIndex):
+            j = EpochIndex(j, i.epoch)
         return self.view(self.base[j])
 
 
@@ -72,9 +74,26 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+class EpochIndex(int):
+    """A sample index that carries the epoch it was drawn for, so that per-sample randomness (augmentation,
+    evotok.data.sources) can be a function of (seed, epoch, index) alone: identical in any worker and after a
+    resume. It is an ``int`` everywhere else."""
+
+    epoch: int
+
+    def __new__(cls, value: int, epoch: int) -> "EpochIndex":
+        obj = super().__new__(cls, value)
+        obj.epoch = int(epoch)
+        return obj
+
+    def __reduce__(self):  # through the worker queues
+        return (EpochIndex, (int(self), self.epoch))
+
+
 class EpochShuffle(Sampler[int]):
     """A random order of ``range(n)`` that depends only on (seed, epoch): a run resumed in any epoch sees the
-    order the uninterrupted run saw. Lightning calls ``set_epoch`` at the start of every epoch."""
+    order the uninterrupted run saw. Lightning calls ``set_epoch`` at the start of every epoch. The indices are
+    :class:`EpochIndex` values (they carry the epoch to the dataset)."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed, self.epoch = int(n), int(seed), 0
@@ -87,7 +106,7 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        return iter([EpochIndex(i, self.epoch) for i in torch.randperm(self.n, generator=gen).tolist()])
 
 
 class ResumableLoader(DataLoader):

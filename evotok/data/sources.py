@@ -174,9 +174,14 @@ class BadFiles:
                 f"(data.on_bad_file=skip): {first}{more}")
 
 
-def _aug_rng(owner: Any) -> np.random.Generator:
-    """Augmentation RNG: in a DataLoader worker, seeded from the worker's seed (which the loader's
-    generator sets each epoch); in the main process, a generator owned by the dataset."""
+def _aug_rng(owner: Any, index: Any = None, epoch: Optional[int] = None) -> np.random.Generator:
+    """Augmentation RNG of one sample. When the epoch is known (``epoch``, or an index drawn by
+    :class:`evotok.data.datamodule.EpochShuffle`, which carries it), a generator of (data.seed, epoch, index)
+    alone: the same crop and flip in any worker, any number of workers, and after a resume. Otherwise a stream:
+    in a DataLoader worker seeded from the worker's seed, in the main process owned by the dataset."""
+    epoch = getattr(index, "epoch", None) if epoch is None else epoch
+    if epoch is not None and index is not None:
+        return np.random.default_rng(np.random.SeedSequence([owner.seed, int(epoch), int(index), 104729]))
     info = get_worker_info()
     seed = info.seed if info is not None else None
     if seed is not None:
@@ -213,7 +218,8 @@ class _ImageFileDataset(Dataset):
         return keep
 
     def _load(self, i: int) -> tuple[int, torch.Tensor]:
-        """(index actually used, image tensor); a file that fails to decode is replaced by the next one."""
+        """(index actually used, image tensor); a file that fails to decode is replaced by the next one. ``i``
+        may carry its epoch (EpochShuffle's indices): the augmentation is then a function of (seed, epoch, i)."""
         for k in range(len(self.paths)):
             j = (i + k) % len(self.paths)
             try:
@@ -221,7 +227,7 @@ class _ImageFileDataset(Dataset):
             except _PIL_ERRORS as e:
                 self.bad_files.add_at_load(str(self.paths[j]), f"{type(e).__name__}: {e}")
                 continue
-            return j, image_to_tensor(img, self.resolution, _aug_rng(self) if self.augment else None)
+            return j, image_to_tensor(img, self.resolution, _aug_rng(self, i) if self.augment else None)
         raise DataError(f"source '{self.source}': no file of split '{self.split}' could be decoded")
 
     def image_or_none(self, i: int) -> Optional[torch.Tensor]:
@@ -273,7 +279,7 @@ class ImageFolder(_ImageFileDataset):
                             f"split fractions follow data.train_size/val_size/test_size)")
 
     def __getitem__(self, i: int) -> dict:
-        j, image = self._load(int(i))
+        j, image = self._load(i)
         txt = self.paths[j].with_suffix(".txt")
         cap = txt.read_text(errors="replace").strip() if txt.is_file() else ""
         return make_item(image, i, self.source, caption=cap)
@@ -355,8 +361,8 @@ class LlavaJSON(_ImageFileDataset):
         return "\n".join(_strip_image(t["value"]) for t in self.conversations[i])
 
     def __getitem__(self, i: int) -> dict:
-        i = int(i)
         j, image = self._load(i)
+        i = int(i)
         conv, task = self.conversations[j], self.tasks[j]
         qa = [{"type": "", "question": _strip_image(h["value"]), "answer": _strip_image(g["value"])}
               for h, g in zip(conv[::2], conv[1::2]) if h["from"] == "human" and g["from"] == "gpt"]
@@ -614,7 +620,7 @@ class WebDatasetShards(IterableDataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 7]))
         return [int(i) for i in rng.permutation(len(self.shards))]
 
-    def _decode(self, key: str, sample: dict[str, bytes], index: int) -> Optional[dict]:
+    def _decode(self, key: str, sample: dict[str, bytes], index: int, epoch: int) -> Optional[dict]:
         ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if ext is None:
             self.bad_files.add_at_load(key, "no jpg/jpeg/png/webp entry")
@@ -639,7 +645,7 @@ class WebDatasetShards(IterableDataset):
             except ValueError:
                 conv, task = [], ""
         labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else None
-        image = image_to_tensor(img, self.resolution, _aug_rng(self) if self.augment else None)
+        image = image_to_tensor(img, self.resolution, _aug_rng(self, index, epoch) if self.augment else None)
         return make_item(image, index, self.source, labels=labels, caption=cap, conversations=conv, task=task)
 
     def _raw(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple[int, str, dict[str, bytes]]]:
@@ -674,7 +680,7 @@ class WebDatasetShards(IterableDataset):
             raw = self._shuffled(raw, rng)
         last, owed = None, 0
         for index, key, sample in raw:
-            item = self._decode(key, sample, index)
+            item = self._decode(key, sample, index, epoch)
             if item is None:
                 owed += self.world_size > 1  # keep every rank's batch count: the next good sample fills in
                 continue
