@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench clean-venv readme
+.PHONY: setup demo reproduce test test-fast bench clean-venv readme
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/evotok pipeline demo
+
+# The README's numbers at full quality (hours on 2 cores; not part of CI): the tiny tokenizer pipeline, the
+# understanding/generation pipeline, the default Lpix/Lsem sweep, its ablation table and report.
+reproduce: $(STAMP)
+	$(VENV)/bin/evotok pipeline tiny
+	$(VENV)/bin/evotok pipeline mllm_tiny
+	$(VENV)/bin/evotok sweep --spec lpix_lsem
+	$(VENV)/bin/evotok sweep --spec lpix_lsem --collect
+	$(PY) -m evotok.readme
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -9,6 +9,7 @@ Heavy imports (torch, Lightning, transformers) happen inside the command functio
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -249,10 +250,12 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from evotok.sweep import collect_table, run_sweep
+    from evotok.sweep import run_sweep, table_markdown, write_sweep_report
 
     if args.collect:
-        print(collect_table(args.spec, args.overrides or []))
+        index = write_sweep_report(args.spec, args.overrides or [])
+        print(table_markdown(json.loads((index.parent / "results.json").read_text())))
+        print(f"report: {index.resolve()}")
     else:
         run_sweep(args.spec, executor=args.executor, overrides=args.overrides or [], cluster=args.cluster)
     return 0

@@ -38,7 +38,7 @@ from evotok.config import ConfigError, experiment_dirs, load_config, override_ke
 
 PIPELINE_DIRS = experiment_dirs("pipelines")
 PIPELINES = tuple(sorted({p.stem for d in PIPELINE_DIRS for p in d.glob("*.yaml")}))
-STEP_KINDS = ("data_preview", "train", "eval_recon", "eval_vqa", "eval_geneval", "figures", "record")
+STEP_KINDS = ("data_preview", "train", "eval_recon", "eval_vqa", "eval_geneval", "figures", "record", "check")
 
 
 def pipeline_path(name: str) -> Path:
@@ -212,6 +212,7 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
     forced = any(override_key(o) == "run.overwrite" and o.partition("=")[2].lower() in ("true", "1") for o in base)
     t0 = time.time()
     records: list[StepRecord] = []
+    checks: list = []  # evotok.checks.Check of every check step
     n = len(spec["steps"])
     common_cfg = None
     for i, step in enumerate(spec["steps"]):
@@ -237,6 +238,15 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
                 write_preview(cfg, out)
             outputs.append(str(out))
             print(f"sample grid: {out.resolve()}")
+        elif kind == "check":
+            from evotok.checks import check_table, run_checks
+
+            if only:
+                continue  # a partial run has not trained what the checks read
+            found = run_checks(step.get("require", []), runs)
+            checks += found
+            print(check_table(found))
+            status = "ok" if all(c.ok for c in found) else "MISSED"
         elif kind == "train":
             own = list(step.get("overrides", []))
             extra = [f"run.name={step.get('name', run_name)}", *own, *handover_overrides(stage, runs, own)]
@@ -300,11 +310,20 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
         folder = folder / f"only_{'_'.join(sorted(only))}"
     if not rank_zero:
         return runs
-    report = write_report(folder, label, records, total)
+    report = write_report(folder, label, records, total, checks)
     print(f"\n{label} pipeline done in {total:.0f} s:")
     print(summary_table(records))
     for stage, path in runs.items():
         print(f"  {stage}: {path.resolve()}")
+    if checks:
+        from evotok.checks import CheckFailed, check_table, failures
+
+        print("\nchecks:\n" + check_table(checks))
+        missed = failures(checks)
+        if missed:
+            print(f"report: {report.resolve()}")
+            raise CheckFailed(f"pipeline '{label}' missed {len(missed)} of {len(checks)} checks: " + "; ".join(
+                f"{c.name} (wanted {c.wanted}, got {c.got})" for c in missed) + f". Report: {report.resolve()}")
     print(f"report: {report.resolve()}")
     return runs
 
@@ -333,7 +352,7 @@ def _run_eval_step(kind: str, step: dict, run: Path, runs: dict[str, Path]) -> l
     if kind == "eval_recon":
         from evotok.eval.recon import evaluate_recon
 
-        evaluate_recon(run, split=step.get("split", "val"))
+        evaluate_recon(run, split=step.get("split", "val"), max_images=step.get("max_images", 0))
     elif kind == "eval_vqa":
         from evotok.eval import understand
 
@@ -384,13 +403,15 @@ def _rel(target: Path, folder: Path) -> str:
     return os.path.relpath(Path(target).resolve(), Path(folder).resolve())
 
 
-def write_report(folder: Path, label: str, records: Sequence[StepRecord], total: float) -> Path:
+def write_report(folder: Path, label: str, records: Sequence[StepRecord], total: float,
+                 checks: Sequence = ()) -> Path:
     """``summary.json`` and ``index.html`` in ``folder``: one row per step (status, time, run folder),
     then per trained run its metrics.json scalars and its figures. Links are relative to the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(
-        {"pipeline": label, "seconds": total, "steps": [r._asdict() for r in records]}, indent=2, default=str) + "\n")
+        {"pipeline": label, "seconds": total, "steps": [r._asdict() for r in records],
+         "checks": [c._asdict() for c in checks]}, indent=2, default=str) + "\n")
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(label)} pipeline</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -403,6 +424,11 @@ def write_report(folder: Path, label: str, records: Sequence[StepRecord], total:
         parts.append(f"<tr><td>{r.index}</td><td>{e(r.kind)}</td><td>{e(r.stage)}</td><td>{e(r.status)}</td>"
                      f"<td>{r.seconds:.1f}</td><td>{link}</td></tr>")
     parts.append("</table>")
+    if checks:
+        parts.append("<h2>Checks</h2><table><tr><th>check</th><th>wanted</th><th>got</th><th>result</th></tr>")
+        parts += [f"<tr><td>{e(c.name)}</td><td>{e(c.wanted)}</td><td>{e(c.got)}</td>"
+                  f"<td>{'ok' if c.ok else '<b>MISSED</b>'}</td></tr>" for c in checks]
+        parts.append("</table>")
     seen = set()
     for r in records:
         if r.kind != "train" or r.run in seen:

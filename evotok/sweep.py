@@ -290,32 +290,41 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
-def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
-    """One row per grid point: each metric's mean and 95% interval over the seeds that finished, with how
-    many of the seeds did (unfinished ones are counted, never guessed)."""
+def _stage_path(spec: dict, point: SweepPoint, stage: str, overrides: Sequence[str]) -> Optional[Path]:
+    """The run folder of ``stage``'s last training step in ``point`` (e.g. phase 2, which holds its metrics)."""
     from evotok.runs import run_path
 
+    step = next((s for s in reversed(point.spec["steps"]) if s["do"] == "train" and s["stage"] == stage), None)
+    if step is None:
+        return None
+    cfg = load_config(step.get("config"), [f"run.name={step['name']}", *step.get("overrides", []),
+                                           *[o for o in _global(spec, overrides) if stage_reads(stage, override_key(o))]],
+                      stage=stage)
+    return Path(run_path(cfg, stage))
+
+
+def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
+    """One row per grid point: each metric's mean and 95% interval over the seeds that finished, with how
+    many of the seeds did (unfinished ones are counted, never guessed), and the run folders it read."""
     spec = load_sweep(name)
     points = expand(name, overrides)
     rows: dict[str, dict] = {}
     for p in points:
         key = ", ".join(f"{k}={v}" for k, v in p.values.items()) or "(base)"
-        row = rows.setdefault(key, {"point": key, "values": p.values, "metrics": {}})
-        paths: dict[str, Path] = {}
+        row = rows.setdefault(key, {"point": key, "values": p.values, "metrics": {}, "runs": {}})
+        paths: dict[str, Optional[Path]] = {}
         for col, stage, how in METRICS:
-            step = next((s for s in reversed(p.spec["steps"]) if s["do"] == "train" and s["stage"] == stage), None)
-            if step is None:
+            if stage not in paths:
+                paths[stage] = _stage_path(spec, p, stage, overrides)
+            if paths[stage] is None:
                 continue
-            if stage not in paths:  # the stage's last training step (e.g. phase 2) holds its metrics
-                cfg = load_config(step.get("config"), [f"run.name={step['name']}", *step.get("overrides", []),
-                                                       *[o for o in _global(spec, overrides) if stage_reads(stage, override_key(o))]],
-                                  stage=stage)
-                paths[stage] = Path(run_path(cfg, stage))
-            v = _read_metric(paths[stage], how)
+            v = _read_metric(paths[stage], how)  # type: ignore[arg-type]
             cell = row["metrics"].setdefault(col, {"values": [], "expected": 0})
             cell["expected"] += 1
             if v is not None:
                 cell["values"].append(v)
+        row["runs"][p.name] = {st: str(path) for st, path in paths.items() if path is not None}
+        row["runs"][p.name]["pipeline"] = p.spec["run_name"]
     for row in rows.values():
         for cell in row["metrics"].values():
             if cell["values"]:
@@ -323,21 +332,95 @@ def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
     return list(rows.values())
 
 
-def collect_table(name: str, overrides: Sequence[str] = ()) -> str:
+def _cell(cell: Optional[dict]) -> str:
+    if cell is None:
+        return ""
+    if not cell["values"]:
+        return f"unfinished (0/{cell['expected']})"
+    n, e = len(cell["values"]), cell["expected"]
+    return f"{cell['mean']:.4g} ± {cell['ci95']:.2g} ({n}/{e})"
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    return [c for c, _, _ in METRICS if any(c in r["metrics"] for r in rows)]
+
+
+def table_markdown(rows: Sequence[dict]) -> str:
     """The ablation table (markdown): mean +- 95% interval (n finished / n expected)."""
-    rows = collect(name, overrides)
-    cols = [c for c, _, _ in METRICS if any(c in r["metrics"] for r in rows)]
+    cols = _columns(rows)
     out = ["| point | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
-        cells = []
-        for c in cols:
-            cell = r["metrics"].get(c)
-            if cell is None:
-                cells.append("")
-            elif not cell["values"]:
-                cells.append(f"unfinished (0/{cell['expected']})")
-            else:
-                n, e = len(cell["values"]), cell["expected"]
-                cells.append(f"{cell['mean']:.4g} ± {cell['ci95']:.2g} ({n}/{e})")
-        out.append(f"| {r['point']} | " + " | ".join(cells) + " |")
+        out.append(f"| {r['point']} | " + " | ".join(_cell(r["metrics"].get(c)) for c in cols) + " |")
     return "\n".join(out)
+
+
+def collect_table(name: str, overrides: Sequence[str] = ()) -> str:
+    """The ablation table of sweep ``name`` (markdown), of whatever has finished."""
+    return table_markdown(collect(name, overrides))
+
+
+def sweep_folder(name: str, overrides: Sequence[str] = ()) -> Path:
+    spec = load_sweep(name)
+    run_dir = load_config(None, [o for o in [*spec.get("overrides", []), *overrides] if override_key(o).startswith("run.")]).run.dir
+    return Path(run_dir) / "sweeps" / spec["name"]
+
+
+def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
+    """``--collect``'s report in ``<run.dir>/sweeps/<name>/``: ``results.json`` (the rows of :func:`collect`),
+    ``ablation.md``, ``depth_curves.png`` (the finished tokenizer runs' per-depth curves overlaid, mean and
+    min-max band over seeds) and ``index.html`` linking them and each point's pipeline report and run folders.
+    Returns the index."""
+    import html
+    import os
+
+    from evotok.runs import RunDir
+
+    rows = collect(name, overrides)
+    folder = sweep_folder(name, overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    table = table_markdown(rows)
+    (folder / "ablation.md").write_text(table + "\n")
+    curves = []
+    for r in rows:
+        for pname, paths in r["runs"].items():
+            tok = Path(paths.get("tokenizer", ""))
+            if paths.get("tokenizer") and RunDir(tok).finished and (tok / "metrics.json").is_file():
+                cfg = RunDir(tok).load_config()
+                curves.append({**json.loads((tok / "metrics.json").read_text()), "lpix": int(cfg.model.lpix),
+                               "lsem": int(cfg.model.lsem)})
+    figure = None
+    if curves:
+        from analysis.depth_curves import plot_depth_curves
+        from analysis.plotting import save_figure
+
+        save_figure(plot_depth_curves(curves, title=f"sweep {name}: per-depth metrics, mean and min-max over seeds"),
+                    folder, "depth_curves", formats=("png",))
+        figure = "depth_curves.png"
+    e = html.escape
+    cols = _columns(rows)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {e(name)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:900px}</style></head><body>",
+             f"<h1>Sweep {e(name)}</h1><p>Mean ± 95% interval over the seeds that finished (finished / expected). "
+             "<a href='results.json'>results.json</a> <a href='ablation.md'>ablation.md</a></p>",
+             "<table><tr><th>point</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"]
+    parts += ["<tr><td>" + e(r["point"]) + "</td>" + "".join(f"<td>{e(_cell(r['metrics'].get(c)))}</td>" for c in cols)
+              + "</tr>" for r in rows]
+    parts.append("</table>")
+    if figure:
+        parts.append(f"<h2>Per-depth curves</h2><img src='{figure}' alt='per-depth curves'>")
+    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>pipeline report</th><th>run folders</th></tr>")
+    for r in rows:
+        for pname, paths in r["runs"].items():
+            report = folder.parent.parent / "pipelines" / paths["pipeline"] / "index.html"
+            rep = (f"<a href='{e(os.path.relpath(report, folder))}'>{e(paths['pipeline'])}</a>" if report.is_file()
+                   else "not run yet")
+            links = " ".join(f"<a href='{e(os.path.relpath(Path(p) / 'config.yaml', folder))}'>{e(st)}</a>"
+                             if (Path(p) / "config.yaml").is_file() else f"{e(st)} (not started)"
+                             for st, p in paths.items() if st != "pipeline")
+            parts.append(f"<tr><td>{e(pname)}</td><td>{rep}</td><td>{links}</td></tr>")
+    parts.append("</table></body></html>")
+    index = folder / "index.html"
+    index.write_text("\n".join(parts) + "\n")
+    return index

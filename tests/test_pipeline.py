@@ -33,8 +33,8 @@ def test_hand_over_and_global_overrides_follow_the_registry(tmp_path):
     glob = ["model.lpix=2", "data.batch_size=8", "teacher.arch=x", "loss.sem_weight=1"]
     assert overrides_for("teacher", glob) == ["data.batch_size=8", "teacher.arch=x"]
     assert overrides_for("tokenizer", glob) == glob
-    with pytest.raises(ConfigError, match="'mllm.phase=2' is read by no stage of pipeline 'demo'"):
-        run_pipeline("demo", ["mllm.phase=2"])
+    with pytest.raises(ConfigError, match="'mllm.phase=2' is read by no stage of pipeline 'tiny'"):
+        run_pipeline("tiny", ["mllm.phase=2"])  # (tiny: teacher and tokenizer only)
 
 
 def test_unknown_pipeline_names_the_known_ones():
@@ -43,21 +43,37 @@ def test_unknown_pipeline_names_the_known_ones():
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end_on_tiny_sizes(tmp_path):
+def test_demo_pipeline_runs_every_stage_and_its_checks_name_what_is_missed(tmp_path):
+    """`make demo` at tiny sizes and 3 steps a stage: every stage trains, every eval, figure and grid is
+    written, and the minimum-result checks, which 3 steps cannot meet, fail naming exactly the metric ones."""
+    from evotok.checks import CheckFailed, missing_links
+
     overrides = [
-        f"run.dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_size=256",
-        "data.val_size=64", "data.test_size=64", "data.batch_size=16", "trainer.max_steps=3",
+        f"run.dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", "data.train_size=128",
+        "data.val_size=32", "data.test_size=32", "data.batch_size=16", "trainer.max_steps=3",
         "trainer.val_every_n_steps=3", "trainer.progress_bar=false",
     ]
-    runs = run_pipeline("demo", overrides)
-    assert set(runs) == {"teacher", "tokenizer"}
-    tok = runs["tokenizer"]
-    metrics = json.loads((tok / "metrics.json").read_text())
+    with pytest.raises(CheckFailed) as err:
+        run_pipeline("demo", overrides)
+    msg = str(err.value)
+    assert "missed 3 of 11 checks" in msg
+    for name in ("tokenizer PSNR at Lpix (dB)", "teacher shape zero-shot", "VQA shape accuracy"):
+        assert name in msg
+    folder = tmp_path / "runs" / "pipelines" / "demo"
+    summary = json.loads((folder / "summary.json").read_text())
+    trained = [(s["stage"], s["status"]) for s in summary["steps"] if s["kind"] == "train"]
+    assert trained == [(st, "trained") for st in ("teacher", "tokenizer", "lm", "understanding", "understanding",
+                                                   "checker", "generation", "generation")]
+    tok = tmp_path / "runs" / "tokenizer" / "demo"
     L = load_config("tokenizer/evotok_tiny").depth
-    assert len(metrics["per_depth"]["psnr"]) == L and len(metrics["per_depth"]["clipsim_sem"]) == L
-    assert (tok / "figures" / "index.html").is_file() and (tok / "figures" / "recon_grid.png").stat().st_size > 0
+    assert len(json.loads((tok / "metrics.json").read_text())["per_depth"]["psnr"]) == L
+    assert (tmp_path / "runs" / "generation" / "demo_phase2" / "figures" / "geneval_tags.png").stat().st_size > 0
     assert (tmp_path / "runs" / "data" / "evoshapes_preview_32px.png").is_file()
-    # a second run finds both stages finished and skips their training
+    assert missing_links(folder / "index.html") == [] and "MISSED" in (folder / "index.html").read_text()
+    # a second run finds every stage finished and trains nothing; the checks still fail
     mtime = (tok / "checkpoints" / "last.ckpt").stat().st_mtime
-    run_pipeline("demo", overrides)
+    with pytest.raises(CheckFailed):
+        run_pipeline("demo", overrides)
     assert (tok / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
+    statuses = {s["status"] for s in json.loads((folder / "summary.json").read_text())["steps"] if s["kind"] != "check"}
+    assert statuses == {"up to date"}

@@ -70,6 +70,19 @@ def test_collect_over_partial_results_reports_means_intervals_and_unfinished(tmp
     table = collect_table("lpix_lsem", [f"run.dir={root}"])
     assert "26 ± 13 (2/3)" in table and "21 ± 0 (1/3)" in table and "unfinished (0/3)" in table
     assert mean_ci95([1.0]) == (1.0, 0.0)
+    # the sweep report: the table, the overlaid curves of the 3 finished tokenizer runs, links that resolve
+    from evotok.checks import missing_links, page_links
+    from evotok.sweep import write_sweep_report
+
+    index = write_sweep_report("lpix_lsem", [f"run.dir={root}"])
+    assert index == root / "sweeps" / "lpix_lsem" / "index.html"
+    text = index.read_text()
+    assert "26 ± 13 (2/3)" in text and "not run yet" in text
+    links = page_links(index)
+    assert "depth_curves.png" in links and "results.json" in links and missing_links(index) == []
+    assert sum(link.endswith("config.yaml") for link in links) == 4  # the 4 started tokenizer runs
+    saved = json.loads((index.parent / "results.json").read_text())
+    assert {r["point"] for r in saved} == set(rows)
 
 
 PIPE = """
