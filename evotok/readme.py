@@ -3,6 +3,7 @@
     python -m evotok.readme            # rewrite every results block in README.md
     python -m evotok.readme --check    # exit 1 if a block disagrees with results/
     python -m evotok.readme record NAME RUN_DIR   # copy a run's metrics.json into results/NAME.json
+    python -m evotok.readme record-sweep NAME     # a collected sweep's table, Fig. 6 verdict and figures
 
 A block in README.md looks like ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``; NAME selects a
 renderer below, which reads results/<file>.json. tests/test_readme.py checks that they agree.
@@ -233,7 +234,67 @@ def render_bench_generate(results: Path) -> str:
            if "depth_head_seconds" in data else "") + "\n")
 
 
+# the paper's ablation (DESIGN.md §1): rFID / MME / GenEval per (Lpix, Lsem)
+PAPER_ABLATION = {(4, 4): "0.66 / 1668.9 / 0.64", (16, 4): "0.44 / 1731.6 / 0.60", (4, 16): "0.55 / 1793.5 / 0.67"}
+
+
+def render_sweep(results: Path, name: str) -> str:
+    """The ablation table of a recorded sweep (results/sweep_NAME.json, from ``record-sweep``) beside the paper's."""
+    data = _load(f"sweep_{name}", results)
+    if data is None:
+        return _missing(f"evotok sweep --spec {name} && evotok sweep --spec {name} --collect && "
+                        f"python -m evotok.readme record-sweep {name}")
+    from evotok.sweep import METRICS, format_cell
+
+    rows = data["rows"]
+    cols = [c for c, _, _ in METRICS if any(c in r["metrics"] for r in rows)]
+    out = ["| Lpix, Lsem | " + " | ".join(cols) + " | paper: rFID / MME / GenEval |", "|---|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        key = (int(r["values"]["model.lpix"]), int(r["values"]["model.lsem"]))
+        out.append(f"| {key[0]}, {key[1]} | " + " | ".join(format_cell(r["metrics"].get(c)) for c in cols)
+                   + f" | {PAPER_ABLATION.get(key, '')} |")
+    return "\n".join(out) + f"\n\nSweep `{name}`, recorded {data.get('date', '?')} at commit {data.get('git_sha', '?')}.\n"
+
+
+def render_fig6(results: Path, name: str) -> str:
+    data = _load(f"fig6_{name}", results)
+    if data is None:
+        return _missing(f"evotok sweep --spec {name} --collect && python -m evotok.readme record-sweep {name}")
+    from analysis.fig6 import verdict_table
+
+    return verdict_table(data) + "\n"
+
+
+def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figures: Optional[Path] = None) -> list[Path]:
+    """Copy a collected sweep's report (``evotok sweep --spec NAME --collect``) into results/sweep_NAME.json and
+    results/fig6_NAME.json, and its figures into docs/figures/."""
+    import datetime
+    import subprocess
+
+    from evotok.sweep import sweep_folder
+
+    folder = sweep_folder(name, overrides)
+    if not (folder / "results.json").is_file():
+        raise FileNotFoundError(f"{folder / 'results.json'}: run `evotok sweep --spec {name} --collect` first")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
+    results.mkdir(exist_ok=True)
+    out = [results / f"sweep_{name}.json"]
+    out[0].write_text(json.dumps({"sweep": name, "date": datetime.date.today().isoformat(), "git_sha": sha or None,
+                                  "rows": json.loads((folder / "results.json").read_text())}, indent=1) + "\n")
+    if (folder / "fig6.json").is_file():
+        out.append(results / f"fig6_{name}.json")
+        shutil.copy(folder / "fig6.json", out[-1])
+    figures = figures or REPO_ROOT / "docs" / "figures"
+    for stem in ("depth_curves", "fig6_probes"):
+        if (folder / f"{stem}.png").is_file():
+            out.append(figures / f"sweep_{name}_{stem}.png")
+            shutil.copy(folder / f"{stem}.png", out[-1])
+    return out
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "sweep_lpix_lsem_demo": lambda r: render_sweep(r, "lpix_lsem_demo"),
+    "fig6_lpix_lsem_demo": lambda r: render_fig6(r, "lpix_lsem_demo"),
     "bench_data": render_bench_data,
     "bench_quantizer": render_bench_quantizer,
     "teacher_tiny": render_teacher,
@@ -301,12 +362,15 @@ def record(name: str, run_dir: Path, results: Path = RESULTS, curve_tag: Optiona
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evotok.readme")
-    parser.add_argument("action", nargs="?", default="write", choices=("write", "record", "record-file"))
+    parser.add_argument("action", nargs="?", default="write", choices=("write", "record", "record-file", "record-sweep"))
     parser.add_argument("args", nargs="*")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     if args.action == "record":
         print(record(args.args[0], Path(args.args[1])))
+    if args.action == "record-sweep":  # NAME [key=value ...]: a collected sweep's report
+        for path in record_sweep(args.args[0], args.args[1:]):
+            print(path)
     if args.action == "record-file":  # copy any JSON a command wrote (e.g. a figures folder's nmi.json)
         RESULTS.mkdir(exist_ok=True)
         shutil.copy(args.args[1], RESULTS / f"{args.args[0]}.json")

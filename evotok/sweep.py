@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shlex
 import sys
 from pathlib import Path
@@ -279,15 +278,10 @@ def _read_metric(run: Path, how: tuple) -> Optional[float]:
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of a 95% t interval (0 for one value)."""
-    from scipy import stats
+    """Mean and the half-width of a 95% t interval (0 for one value): :func:`analysis.fig6.mean_ci95`."""
+    from analysis.fig6 import mean_ci95 as ci
 
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return ci(values)
 
 
 def _stage_path(spec: dict, point: SweepPoint, stage: str, overrides: Sequence[str]) -> Optional[Path]:
@@ -332,7 +326,7 @@ def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
     return list(rows.values())
 
 
-def _cell(cell: Optional[dict]) -> str:
+def format_cell(cell: Optional[dict]) -> str:
     if cell is None:
         return ""
     if not cell["values"]:
@@ -350,7 +344,7 @@ def table_markdown(rows: Sequence[dict]) -> str:
     cols = _columns(rows)
     out = ["| point | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
-        out.append(f"| {r['point']} | " + " | ".join(_cell(r["metrics"].get(c)) for c in cols) + " |")
+        out.append(f"| {r['point']} | " + " | ".join(format_cell(r["metrics"].get(c)) for c in cols) + " |")
     return "\n".join(out)
 
 
@@ -389,6 +383,21 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
                 cfg = RunDir(tok).load_config()
                 curves.append({**json.loads((tok / "metrics.json").read_text()), "lpix": int(cfg.model.lpix),
                                "lsem": int(cfg.model.lsem)})
+    probe_files = [Path(p["tokenizer"]) / "figures" / "probes.json" for r in rows for p in r["runs"].values()
+                   if p.get("tokenizer") and RunDir(Path(p["tokenizer"])).finished]
+    probe_files = [p for p in probe_files if p.is_file()]
+    fig6 = None
+    if probe_files:
+        from analysis.fig6 import load_runs, plot_seed_curves, verdict, verdict_table
+        from analysis.plotting import save_figure
+
+        entries = load_runs(probe_files)
+        result = verdict(entries)
+        (folder / "fig6.json").write_text(json.dumps(result, indent=1) + "\n")
+        fig6 = verdict_table(result)
+        (folder / "fig6.md").write_text(fig6 + "\n")
+        save_figure(plot_seed_curves(entries, title=f"sweep {name}: linear probes per depth, mean and 95% interval "
+                                                    "over seeds"), folder, "fig6_probes", formats=("png",))
     figure = None
     if curves:
         from analysis.depth_curves import plot_depth_curves
@@ -405,11 +414,15 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
              f"<h1>Sweep {e(name)}</h1><p>Mean ± 95% interval over the seeds that finished (finished / expected). "
              "<a href='results.json'>results.json</a> <a href='ablation.md'>ablation.md</a></p>",
              "<table><tr><th>point</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"]
-    parts += ["<tr><td>" + e(r["point"]) + "</td>" + "".join(f"<td>{e(_cell(r['metrics'].get(c)))}</td>" for c in cols)
+    parts += ["<tr><td>" + e(r["point"]) + "</td>" + "".join(f"<td>{e(format_cell(r['metrics'].get(c)))}</td>" for c in cols)
               + "</tr>" for r in rows]
     parts.append("</table>")
     if figure:
         parts.append(f"<h2>Per-depth curves</h2><img src='{figure}' alt='per-depth curves'>")
+    if fig6:
+        parts.append("<h2>Does the trajectory evolve? (Fig. 6 claims, analysis/fig6.py)</h2>"
+                     "<p><a href='fig6.json'>fig6.json</a> <a href='fig6.md'>fig6.md</a></p>"
+                     "<img src='fig6_probes.png' alt='probes per depth over seeds'>")
     parts.append("<h2>Runs</h2><table><tr><th>run</th><th>pipeline report</th><th>run folders</th></tr>")
     for r in rows:
         for pname, paths in r["runs"].items():

@@ -357,6 +357,9 @@ def test_tokenizer_declares_unused_parameters_for_ddp():
     two = load_config(None, ["trainer.accelerator=cpu", "trainer.devices=2"])
     strategy = train_mod.choose_strategy(two, module)
     assert isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert TokenizerModule.ddp_broadcast_buffers is False  # its quantizer keeps the codebooks identical itself
+    tok = train_mod.choose_strategy(two, TokenizerModule)
+    assert tok._ddp_kwargs == {"find_unused_parameters": True, "broadcast_buffers": False}
     assert train_mod.choose_strategy(two, plain) == "auto"  # Lightning's own choice (plain DDP)
     one = load_config(None, ["trainer.accelerator=cpu", "trainer.devices=1"])
     assert train_mod.choose_strategy(one, module) == "auto"

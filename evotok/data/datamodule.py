@@ -193,9 +193,14 @@ class EvoTokDataModule(L.LightningDataModule):
         return int(trainer.current_epoch) if trainer is not None else 0
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: Optional[int] = None,
-                   drop_last: bool = False) -> DataLoader:
-        """A loader for any split (train/val/test/heldout), batches shaped for the stage."""
+                   drop_last: bool = False, indices: Optional[Sequence[int]] = None) -> DataLoader:
+        """A loader for any split (train/val/test/heldout), batches shaped for the stage; ``indices``: only
+        those items of a map-style split (e.g. one rank's share)."""
         ds = self.dataset(split)
+        if indices is not None:
+            from torch.utils.data import Subset
+
+            ds = Subset(ds, list(indices))
         d = self.cfg.data
         bs = int(batch_size or d.batch_size)
         iterable = isinstance(ds, IterableDataset)

@@ -51,6 +51,10 @@ class TokenizerModule(L.LightningModule):
     # evotok.lit.train.build_trainer turns trainer.strategy=auto on several devices into
     # DDPStrategy(find_unused_parameters=True)
     ddp_find_unused_parameters = True
+    # ... and without broadcasting buffers at every forward: the codebooks' EMA statistics are summed over the ranks
+    # and restarts chosen on rank 0 and broadcast (evotok/models/quantizer.py), so the ranks' codebooks are already
+    # identical; DDP's default broadcast would copy them (about 130 MiB at paper size) from rank 0 every step
+    ddp_broadcast_buffers = False
 
     def __init__(
         self, config: dict | Config, teacher: Optional[torch.nn.Module] = None,
@@ -167,7 +171,13 @@ class TokenizerModule(L.LightningModule):
                 "set teacher.cache_features=false"
             )
         start = time.perf_counter()
-        table = TokenTable.build(self.teacher.image_features, dm.dataloader("train", batch_size=256), size, device=self.device)
+        world, rank = int(self.trainer.world_size), int(self.global_rank)
+        # several ranks: each encodes every world-th item and the shares are summed, so the table costs 1/world each
+        indices = range(rank, size, world) if world > 1 else None
+        table = TokenTable.build(self.teacher.image_features, dm.dataloader("train", batch_size=256, indices=indices),
+                                 size, device=self.device)
+        if world > 1:
+            table = table.summed_over_ranks()
         if self.global_rank == 0:
             print(f"teacher tokens of {len(table):,} train images cached in {time.perf_counter() - start:.1f} s "
                   f"({table.nbytes / 2**20:.0f} MiB)")

@@ -5,7 +5,8 @@ A stage plugs in through its registry entry (evotok/stages.py): its module provi
 picks best.ckpt), ``extra_callbacks()``, ``handles_accumulation`` (it accumulates gradients itself) and
 ``on_run_finished(run, trainer)``, ``ddp_find_unused_parameters`` (True: some parameters get no gradient in a
 backward pass, so DDP must look for them; build_trainer then gives ``trainer.strategy=auto`` on several devices a
-``DDPStrategy(find_unused_parameters=True)``) and ``last_loss_terms`` (a dict of the step's named loss tensors,
+``DDPStrategy(find_unused_parameters=True)``), ``ddp_broadcast_buffers`` (False: the module keeps its buffers
+identical across ranks itself, so DDP need not copy them from rank 0 at every forward) and ``last_loss_terms`` (a dict of the step's named loss tensors,
 checked by the non-finite guard; without it the step's returned loss is checked as ``train/loss``).
 
 Order, so that a failure leaves nothing behind: resolve and fingerprint the upstream runs, check the run
@@ -438,18 +439,21 @@ def device_count(accelerator: str, devices: Any) -> int:
 
 
 def choose_strategy(cfg: Config, module: Any):
-    """``trainer.strategy``, except that ``auto`` on several devices (or nodes) becomes
-    ``DDPStrategy(find_unused_parameters=True)`` when the module declares ``ddp_find_unused_parameters``
-    (Lightning's ``auto`` would pick plain DDP, which fails on the first parameter without a gradient)."""
+    """``trainer.strategy``, except that ``auto`` on several devices (or nodes) becomes a ``DDPStrategy`` with the
+    module's ``ddp_find_unused_parameters`` / ``ddp_broadcast_buffers`` when it declares either (Lightning's
+    ``auto`` would pick plain DDP, which fails on the first parameter without a gradient)."""
     t = cfg.trainer
-    if t.strategy != "auto" or not getattr(module, "ddp_find_unused_parameters", False):
+    unused = bool(getattr(module, "ddp_find_unused_parameters", False))
+    broadcast = bool(getattr(module, "ddp_broadcast_buffers", True))
+    if t.strategy != "auto" or (not unused and broadcast):
         return t.strategy
     if t.num_nodes <= 1 and device_count(t.accelerator, t.devices) <= 1:
         return t.strategy
     from lightning.pytorch.strategies import DDPStrategy
 
     interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)  # Lightning's auto picks ddp_fork there
-    return DDPStrategy(find_unused_parameters=True, start_method="fork" if interactive else "popen")
+    return DDPStrategy(find_unused_parameters=unused, broadcast_buffers=broadcast,
+                       start_method="fork" if interactive else "popen")
 
 
 def check_global_batch(cfg: Config, trainer: Any) -> None:

@@ -359,6 +359,24 @@ class TokenTable:
             raise ValueError("TokenTable.build: no batches")
         return cls(tokens, filled)
 
+    def summed_over_ranks(self, chunk_rows: int = 4096) -> "TokenTable":
+        """The full table from every rank's share (each index filled by exactly one rank, zeros elsewhere): an
+        all-reduce sum of the rows (in float32, ``chunk_rows`` rows at a time) and of the filled mask."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        counts = self.filled_N.to(torch.int32)
+        dist.all_reduce(counts)
+        if int(counts.max()) > 1:
+            raise ValueError("TokenTable.summed_over_ranks: an index was filled by more than one rank")
+        for a in range(0, len(self.tokens_NTC), chunk_rows):
+            rows = self.tokens_NTC[a:a + chunk_rows].float()
+            dist.all_reduce(rows)
+            self.tokens_NTC[a:a + chunk_rows] = rows.to(self.tokens_NTC.dtype)
+        self.filled_N = counts > 0
+        return self
+
     @property
     def nbytes(self) -> int:
         return self.tokens_NTC.numel() * self.tokens_NTC.element_size()
