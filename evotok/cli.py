@@ -9,7 +9,6 @@ Heavy imports (torch, Lightning, transformers) happen inside the command functio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -250,11 +249,11 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from evotok.sweep import run_sweep, table_markdown, write_sweep_report
+    from evotok.sweep import run_sweep, write_sweep_report
 
     if args.collect:
         index = write_sweep_report(args.spec, args.overrides or [])
-        print(table_markdown(json.loads((index.parent / "results.json").read_text())))
+        print((index.parent / "ablation.md").read_text(), end="")
         print(f"report: {index.resolve()}")
     else:
         run_sweep(args.spec, executor=args.executor, overrides=args.overrides or [], cluster=args.cluster)

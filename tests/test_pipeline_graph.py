@@ -8,11 +8,11 @@ import os
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from evotok.checks import page_links
 from evotok.pipeline import read_identity, run_pipeline, stage_identity
 
 SPEC = """
@@ -48,15 +48,6 @@ def spec(tmp_path_factory) -> Path:
 def _summary(root: Path) -> dict[str, str]:
     steps = json.loads((root / "runs" / "pipelines" / "g" / "summary.json").read_text())["steps"]
     return {f"{s['kind']}:{s['stage']}": s["status"] for s in steps}
-
-
-class _Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.links += [v for k, v in attrs if k in ("href", "src") and v]
 
 
 @pytest.mark.slow  # part of make test, not of make test-fast
@@ -107,10 +98,9 @@ def test_killed_pipeline_resumes_and_changes_rerun_only_their_dependents(spec, t
 
     # the report parses and every link in it resolves
     index = root / "runs" / "pipelines" / "g" / "index.html"
-    parser = _Links()
-    parser.feed(index.read_text())
-    assert any(link.endswith("metrics.json") for link in parser.links)
-    for link in parser.links:
+    links = page_links(index)
+    assert any(link.endswith("metrics.json") for link in links)
+    for link in links:
         assert (index.parent / link).exists(), link
 
 

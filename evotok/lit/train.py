@@ -6,8 +6,8 @@ picks best.ckpt), ``extra_callbacks()``, ``handles_accumulation`` (it accumulate
 ``on_run_finished(run, trainer)``, ``ddp_find_unused_parameters`` (True: some parameters get no gradient in a
 backward pass, so DDP must look for them; build_trainer then gives ``trainer.strategy=auto`` on several devices a
 ``DDPStrategy(find_unused_parameters=True)``), ``ddp_broadcast_buffers`` (False: the module keeps its buffers
-identical across ranks itself, so DDP need not copy them from rank 0 at every forward) and ``last_loss_terms`` (a dict of the step's named loss tensors,
-checked by the non-finite guard; without it the step's returned loss is checked as ``train/loss``).
+identical across ranks itself, so DDP need not copy them from rank 0 at every forward) and ``last_loss_terms``
+(a dict of the step's named loss tensors, checked by the non-finite guard; without it the step's returned loss is checked as ``train/loss``).
 
 Order, so that a failure leaves nothing behind: resolve and fingerprint the upstream runs, check the run
 folder (finished? resumable with the same model and upstreams?), build the module (this loads the upstream
