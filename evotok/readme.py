@@ -222,12 +222,15 @@ def render_bench_generate(results: Path) -> str:
     data = _load("bench_generate", results)
     if data is None:
         return _missing("evotok bench generate")
-    rows = ["| KV cache | seconds per batch | images/s |", "|---|---|---|"]
+    step = {"lean": "lean decode step", "hf": "the LM's own forward", "-": "-"}
+    rows = ["| KV cache | LM step | seconds per batch | images/s |", "|---|---|---|---|"]
     for r in data["rows"]:
-        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {r['seconds']:.2f} | {r['images_per_s']:.2f} |")
+        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {step.get(r.get('decode', '-'), r.get('decode'))} | "
+                    f"{r['seconds']:.2f} | {r['images_per_s']:.2f} |")
+    hf = f" ({data['speedup_hf']:.2f}x through the LM's own forward)" if "speedup_hf" in data else ""
     return "\n".join(rows) + (
         f"\n\nBatch {data['batch']}, {data['positions']} positions x {data['depths']} depths, CFG on, "
-        f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x, codes identical: {data['same_codes']}; "
+        f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x{hf}, codes identical: {data['same_codes']}; "
         f"measured {data['date']} with {data['threads']} threads (`evotok bench generate`)."
         + (f" The depth transformer alone (its cached depth-by-depth sampling on both CFG halves, the same work "
            f"with or without the LM's cache): {data['depth_head_seconds']:.2f} s per batch."

@@ -203,5 +203,6 @@ def test_bench_generate_quick(tmp_path):
     from evotok.bench.generate import bench_generate
 
     r = bench_generate(out_dir=tmp_path, quick=True)
-    assert r["same_codes"] and r["speedup"] > 0 and r["depth_head_seconds"] > 0
+    assert r["same_codes"] and r["speedup"] > 0 and r["speedup_hf"] > 0 and r["depth_head_seconds"] > 0
+    assert [(row["kv_cache"], row["decode"]) for row in r["rows"]] == [(True, "lean"), (True, "hf"), (False, "-")]
     assert (tmp_path / "bench_generate.json").is_file()

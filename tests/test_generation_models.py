@@ -194,14 +194,65 @@ def test_per_depth():
 
 
 # -- generator: sampling ---------------------------------------------------------------------------------
-def test_kv_cached_sampling_equals_uncached(gen, prompts):
-    cached = _sample(gen, prompts, use_cache=True)
+@pytest.mark.parametrize("impl", ["lean", "hf"])
+def test_kv_cached_sampling_equals_uncached(gen, prompts, impl):
+    cached = _sample(gen, prompts, use_cache=True, decode_impl=impl)
     assert cached.shape == (3, 9, D) and cached.dtype == torch.long
     assert cached.min() >= 0 and cached.max() < K
     assert torch.equal(cached, _sample(gen, prompts, use_cache=False))
     # per-depth filters go through the same loop
     kw = dict(top_k=[4, 8, 16, 0], top_p=[0.9, 1.0, 0.7, 0.95])
-    assert torch.equal(_sample(gen, prompts, use_cache=True, **kw), _sample(gen, prompts, use_cache=False, **kw))
+    assert torch.equal(_sample(gen, prompts, use_cache=True, decode_impl=impl, **kw),
+                       _sample(gen, prompts, use_cache=False, **kw))
+
+
+def _llama_generator(**config) -> ImageGenerator:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                      **config))
+    return ImageGenerator(GeneratorConfig(lpix=D, head_width=32, head_layers=1, head_heads=2), lm, _codebooks()).eval()
+
+
+@pytest.mark.parametrize("make", [_generator, _llama_generator], ids=["qwen2-gqa", "llama"])
+def test_lean_decode_step_equals_the_models_forward(make):
+    """Hidden states of the lean decode step against the LM's own forward over the whole left-padded sequence."""
+    from transformers import DynamicCache
+
+    from evotok.models.lm_decode import LeanDecoder, lean_decode_supported
+
+    g = make()
+    assert lean_decode_supported(g.lm) is None
+    ids, mask = _left_padded([2, 6, 4], seed=4)
+    body, R, T, new = g.lm.base_model, 3, ids.shape[1], 5
+    x_RNC = torch.randn(R, new, body.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    embeds = torch.cat([g._embed_tokens(ids), x_RNC], dim=1)
+    full_mask = torch.cat([mask, mask.new_ones(R, new)], dim=1)
+    positions = positions_from_mask(full_mask)
+    with torch.no_grad():
+        want = g._lm_hidden(embeds, full_mask, positions)[:, T:]
+        cache = DynamicCache(config=g.lm.config)
+        g._lm_hidden(embeds[:, :T], mask, positions[:, :T], cache)
+        dec = LeanDecoder(body, cache, mask, capacity=T + new)
+        got = torch.stack([dec.step(x_RNC[:, j], positions[:, T + j]) for j in range(new)], dim=1)
+        with pytest.raises(ValueError, match="all used"):
+            dec.step(x_RNC[:, 0], positions[:, -1] + 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_impl_falls_back_or_refuses_where_lean_does_not_apply(prompts):
+    from evotok.models.lm_decode import lean_decode_supported
+
+    g = _llama_generator(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert "rope_type 'linear'" in lean_decode_supported(g.lm)
+    auto = _sample(g, prompts, use_cache=True)  # auto: the model's own forward
+    assert torch.equal(auto, _sample(g, prompts, use_cache=False))
+    with pytest.raises(SamplingError, match="decode_impl='lean' does not support this LM: rope_type 'linear'"):
+        _sample(g, prompts, decode_impl="lean")
+    with pytest.raises(SamplingError, match="decode_impl must be one of"):
+        _sample(g, prompts, decode_impl="fast")
 
 
 def test_sampling_is_deterministic_for_a_seed(gen, prompts):

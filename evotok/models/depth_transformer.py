@@ -96,40 +96,40 @@ class _Block(nn.Module):
         x_NSC = x_NSC + self.drop(self.proj(a.transpose(1, 2).reshape(N, S, C)))
         return x_NSC + self.drop(self.mlp(self.ln2(x_NSC)))
 
-    def step(self, x_N1C: Tensor, kv: list) -> Tensor:
-        """Inference: one new depth token attending to itself and the earlier depths, whose keys and values
-        ``kv`` holds (``[]`` at depth 0; extended in place)."""
-        N, _, C = x_N1C.shape
-        q, k, v = self.qkv(self.ln1(x_N1C)).view(N, 1, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if kv:
-            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
-        kv[:] = [k, v]
-        a = F.scaled_dot_product_attention(q, k, v)  # the newest token may see every cached one
-        x_N1C = x_N1C + self.proj(a.transpose(1, 2).reshape(N, 1, C))
-        return x_N1C + self.mlp(self.ln2(x_N1C))
+    def step(self, x_NC: Tensor, kv_2NHDh: Tensor, k: int) -> Tensor:
+        """Inference: the new depth-k token of every row attending to itself and the earlier depths, whose keys
+        and values ``kv_2NHDh`` (preallocated for all D depths) holds; this token's are written at index k."""
+        N, C = x_NC.shape
+        qkv_N3Hh = self.qkv(self.ln1(x_NC)).view(N, 3, self.heads, C // self.heads)
+        kv_2NHDh[:, :, :, k] = qkv_N3Hh[:, 1:].transpose(0, 1)
+        keys, values = kv_2NHDh[:, :, :, : k + 1]
+        a = F.scaled_dot_product_attention(qkv_N3Hh[:, 0, :, None], keys, values)  # the newest token sees all
+        x_NC = x_NC + self.proj(a.view(N, C))
+        return x_NC + self.mlp(self.ln2(x_NC))
 
 
 class DepthCache:
-    """Depth-by-depth sampling state of one batch of positions: the context projection computed once, each
-    block's keys and values of the depths so far, and z_k. ``logits()`` gives depth k's logits (N, K);
-    ``push(codes_N)`` appends depth k's codes. Equals :meth:`DepthTransformer.logits_at` on the same prefix
+    """Depth-by-depth sampling state of one batch of positions: every depth's input but its code term computed
+    once, each block's keys and values of the depths so far (in buffers for all D depths), and z_k.
+    ``logits()`` gives depth k's logits (N, K); ``push(codes_N)`` appends depth k's codes. Equals :meth:`DepthTransformer.logits_at` on the same prefix
     (eval mode), without recomputing the prefix."""
 
     def __init__(self, head: "DepthTransformer", context_NC: Tensor):
-        self.head, self.k = head, 0
-        self.ctx_N1C = head.ctx_proj(context_NC.to(head.ctx_proj.weight.dtype))[:, None]
-        self.z_Nd = self.ctx_N1C.new_zeros(len(context_NC), head.config.code_dim)
-        self.kv: list[list] = [[] for _ in head.blocks]
+        c = head.config
+        N, self.head, self.k = len(context_NC), head, 0
+        ctx_NC = head.ctx_proj(context_NC.to(head.ctx_proj.weight.dtype))
+        self.x_DNC = ctx_NC + head.depth_emb_DC[:, None]  # every depth's input but its code term
+        self.z_Nd = ctx_NC.new_zeros(N, c.code_dim)
+        self.kv = [ctx_NC.new_empty(2, N, c.heads, c.depth, c.width // c.heads) for _ in head.blocks]
 
     def logits(self) -> Tensor:
-        h = self.head
-        if self.k >= h.config.depth:
+        h, k = self.head, self.k
+        if k >= h.config.depth:
             raise ValueError(f"all {h.config.depth} depths are sampled")
-        code_in = h.code_proj(self.z_Nd)[:, None] if self.k else torch.zeros_like(self.ctx_N1C)
-        x = self.ctx_N1C + code_in + h.depth_emb_DC[self.k]
+        x_NC = self.x_DNC[k] + h.code_proj(self.z_Nd) if k else self.x_DNC[0]
         for block, kv in zip(h.blocks, self.kv):
-            x = block.step(x, kv)
-        return h.ln_f(x[:, 0]) @ h.head_w_DCK[self.k] + h.head_b_DK[self.k]
+            x_NC = block.step(x_NC, kv, k)
+        return torch.addmm(h.head_b_DK[k], h.ln_f(x_NC), h.head_w_DCK[k])
 
     def push(self, codes_N: Tensor) -> None:
         self.z_Nd = self.z_Nd + self.head.codebooks_DKd[self.k, codes_N]

@@ -72,6 +72,9 @@ class GeneratorConfig:
         )
 
 
+DECODE_IMPLS = ("auto", "hf", "lean")
+
+
 class GenOutput(NamedTuple):
     loss: Tensor  # (): mean of ce_per_depth_D
     ce_per_depth_D: Tensor  # (D,): cross-entropy per depth, mean over rows and positions
@@ -141,6 +144,16 @@ class ImageGenerator(nn.Module):
         )
         return out.last_hidden_state
 
+    def _lean_decode(self, decode_impl: str) -> bool:
+        from evotok.models.lm_decode import lean_decode_supported
+
+        if decode_impl not in DECODE_IMPLS:
+            raise SamplingError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
+        why_not = lean_decode_supported(self.lm) if decode_impl != "hf" else "hf asked for"
+        if decode_impl == "lean" and why_not:
+            raise SamplingError(f"decode_impl='lean' does not support this LM: {why_not}; use 'hf' or 'auto'")
+        return why_not is None
+
     # -- teacher forcing --------------------------------------------------------------------------------
     def forward(self, prompt_ids_BT: Tensor, prompt_mask_BT: Tensor, codes_BHWD: Tensor) -> GenOutput:
         """Cross-entropy of the codes given the prompt. ``codes_BHWD`` may hold more than lpix depths
@@ -197,6 +210,7 @@ class ImageGenerator(nn.Module):
         top_p: Union[float, Sequence[float]] = 1.0,
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
+        decode_impl: str = "auto",
     ) -> Tensor:
         """Sample codes (B, n_positions, D) row-major. Call ``eval()`` first (dropout is the caller's mode).
 
@@ -204,7 +218,11 @@ class ImageGenerator(nn.Module):
         when ``cfg_scale != 1``. At ``cfg_scale == 1`` CFG is the conditional logits exactly, so the
         unconditional half is not run and the result is the same with or without it. top_k / top_p:
         one value or one per depth. ``use_cache=False`` re-runs the whole sequence at every position and
-        the depth transformer's prefix at every depth (the reference the KV caches are tested against). Deterministic for a fixed ``generator``.
+        the depth transformer's prefix at every depth (the reference the KV caches are tested against).
+        ``decode_impl`` (with the cache): "hf" runs every position through the LM's own forward and
+        ``DynamicCache``; "lean" through :class:`~evotok.models.lm_decode.LeanDecoder` (Llama / Qwen2-style LMs:
+        the same function with less bookkeeping per step); "auto" takes "lean" where it is supported.
+        Deterministic for a fixed ``generator``.
         """
         D = self.config.lpix
         cfg_scale, temperature = check_cfg_scale(cfg_scale), check_temperature(temperature)
@@ -212,6 +230,7 @@ class ImageGenerator(nn.Module):
         top_p_D = [check_top_p(p, "top_p") for p in per_depth(top_p, D, "top_p")]
         if n_positions < 1:
             raise SamplingError(f"n_positions must be >= 1, got {n_positions}")
+        use_lean = self._lean_decode(decode_impl) and use_cache
         B = prompt_ids_BT.shape[0]
         ids, mask = prompt_ids_BT, prompt_mask_BT.long()
         guided = cfg_scale != 1.0
@@ -237,6 +256,11 @@ class ImageGenerator(nn.Module):
 
             cache = DynamicCache(config=self.lm.config)
         hidden_RH = self._lm_hidden(embeds, mask, positions, cache)[:, -1]
+        decoder = None
+        if use_lean:
+            from evotok.models.lm_decode import LeanDecoder
+
+            decoder = LeanDecoder(self.lm.base_model, cache, mask, capacity=mask.shape[1] + n_positions - 1)
         out = []
         for p in range(n_positions):
             codes_BD = self._sample_depths(
@@ -245,7 +269,11 @@ class ImageGenerator(nn.Module):
             out.append(codes_BD)
             if p == n_positions - 1:
                 break
-            x_R1H = self._embed_codes(codes_BD.repeat(R // B, 1), tok.dtype)[:, None]
+            x_R1H = self._embed_codes(codes_BD, tok.dtype).repeat(R // B, 1)[:, None]  # both CFG halves
+            if decoder is not None:
+                positions = positions[:, -1:] + 1
+                hidden_RH = decoder.step(x_R1H[:, 0], positions[:, 0])
+                continue
             mask = torch.cat([mask, mask.new_ones(R, 1)], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             if use_cache:

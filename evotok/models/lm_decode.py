@@ -1,0 +1,124 @@
+"""A lean one-token decode step for Llama / Qwen2-style Hugging Face LMs, with keys and values in preallocated
+buffers (the sampler's ``decode_impl="lean"``).
+
+Generation runs the LM one image position at a time. Through ``transformers`` each such step goes through the
+model's generic forward (mask construction, rotary module, per-layer modules and a growing ``DynamicCache``);
+for the embedded stand-in LM (2 layers, width 128) that bookkeeping costs more than the arithmetic. This step
+computes the same function with the model's own weights, read once: q/k/v and gate/up projections concatenated
+into one matrix each, rotary angles computed once per step for every layer, keys and values written in place.
+
+The prompt (prefill) still runs through the model's forward; its ``DynamicCache`` is copied into the buffers.
+Supported: ``config.model_type`` in {llama, qwen2}, default rotary embedding, SiLU MLP, every layer full
+attention (no sliding window). :func:`lean_decode_supported` says whether a model qualifies and why not; the
+sampler's ``decode_impl="auto"`` falls back to the model's forward when it does not.
+
+Symbols: R rows, H query heads, G key/value heads, h head dim, S buffer capacity (prompt + positions), C hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def lean_decode_supported(lm) -> Optional[str]:
+    """None when :class:`LeanDecoder` computes exactly ``lm``'s forward, else the reason it does not."""
+    config = getattr(lm, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"model_type {kind!r} is not one of {SUPPORTED_TYPES}"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"rope_type {rope.get('rope_type')!r} (only the default rotary embedding)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (only silu)"
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+        return "sliding-window layers"
+    if getattr(config, "mlp_bias", False):
+        return "an MLP with biases"
+    return None
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Layer:
+    """One decoder layer's weights, concatenated for the decode step."""
+
+    def __init__(self, layer) -> None:
+        att, mlp = layer.self_attn, layer.mlp
+        self.w_qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])
+        biases = [p.bias for p in (att.q_proj, att.k_proj, att.v_proj)]
+        self.b_qkv = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.w_o, self.b_o = att.o_proj.weight, att.o_proj.bias
+        self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.w_down = mlp.down_proj.weight
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+
+
+def _rms(norm, x_RC: Tensor) -> Tensor:
+    """The model's RMSNorm, in its own arithmetic order (float32 statistics, weight after the cast back)."""
+    x32 = x_RC.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(x_RC.dtype)
+
+
+class LeanDecoder:
+    """Decode steps after a prefill. ``body``: the LM's base model (``lm.base_model``); ``cache``: the
+    ``DynamicCache`` its forward filled over the prompt; ``mask_RS``: that prompt's attention mask (0 = pad);
+    ``capacity``: how many slots the buffers hold in all (prompt + steps to come)."""
+
+    def __init__(self, body, cache, mask_RS: Tensor, capacity: int) -> None:
+        config = body.config
+        self.H, self.G = config.num_attention_heads, config.num_key_value_heads
+        self.h = getattr(config, "head_dim", None) or config.hidden_size // self.H
+        self.layers = [_Layer(layer) for layer in body.layers[: config.num_hidden_layers]]
+        self.final_norm = body.norm
+        self.inv_freq = body.rotary_emb.inv_freq.float()
+        self.rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
+        R, S = mask_RS.shape
+        if capacity < S:
+            raise ValueError(f"capacity {capacity} is below the prompt's {S} slots")
+        self.length = S
+        self.key_mask_RS = torch.zeros(R, capacity, dtype=torch.bool, device=mask_RS.device)
+        self.key_mask_RS[:, :S] = mask_RS.bool()
+        self.key_mask_RS[:, S:] = True
+        self.kv: list[Tensor] = []
+        for i in range(len(self.layers)):
+            keys, values = cache.layers[i].keys, cache.layers[i].values  # (R, G, S, h)
+            buf = keys.new_empty(2, R, self.G, capacity, self.h)
+            buf[0, :, :, :S], buf[1, :, :, :S] = keys, values
+            self.kv.append(buf)
+
+    @torch.no_grad()
+    def step(self, x_RC: Tensor, position_R: Tensor) -> Tensor:
+        """Final-norm hidden states (R, C) of one new slot per row at ``position_R`` (its rotary position)."""
+        t = self.length
+        if t >= self.key_mask_RS.shape[1]:
+            raise ValueError(f"the decoder's buffers hold {self.key_mask_RS.shape[1]} slots, all used")
+        R, H, G, h = x_RC.shape[0], self.H, self.G, self.h
+        freqs = position_R[:, None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = (angles.cos() * self.rope_scale).to(x_RC.dtype)[:, None]  # (R, 1, h): every head alike
+        sin = (angles.sin() * self.rope_scale).to(x_RC.dtype)[:, None]
+        mask = self.key_mask_RS[:, None, None, : t + 1]
+        for layer, kv in zip(self.layers, self.kv):
+            qkv = F.linear(_rms(layer.norm1, x_RC), layer.w_qkv, layer.b_qkv).view(R, H + 2 * G, h)
+            qk = qkv[:, : H + G]
+            qk = qk * cos + _rotate_half(qk) * sin
+            kv[0, :, :, t] = qk[:, H:]
+            kv[1, :, :, t] = qkv[:, H + G:]
+            a = F.scaled_dot_product_attention(qk[:, :H, None], kv[0, :, :, : t + 1], kv[1, :, :, : t + 1],
+                                               attn_mask=mask, enable_gqa=H != G)
+            x_RC = x_RC + F.linear(a.reshape(R, H * h), layer.w_o, layer.b_o)
+            gate, up = F.linear(_rms(layer.norm2, x_RC), layer.w_gate_up).chunk(2, dim=-1)
+            x_RC = x_RC + F.linear(F.silu(gate) * up, layer.w_down)
+        self.length = t + 1
+        return _rms(self.final_norm, x_RC)
