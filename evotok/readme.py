@@ -225,9 +225,9 @@ def render_bench_generate(results: Path) -> str:
     step = {"lean": "lean decode step", "hf": "the LM's own forward", "-": "-"}
     rows = ["| KV cache | LM step | seconds per batch | images/s |", "|---|---|---|---|"]
     for r in data["rows"]:
-        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {step.get(r.get('decode', '-'), r.get('decode'))} | "
-                    f"{r['seconds']:.2f} | {r['images_per_s']:.2f} |")
-    hf = f" ({data['speedup_hf']:.2f}x through the LM's own forward)" if "speedup_hf" in data else ""
+        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {step[r['decode']]} | {r['seconds']:.2f} | "
+                    f"{r['images_per_s']:.2f} |")
+    hf = f" ({data['speedup_hf']:.2f}x through the LM's own forward)"
     return "\n".join(rows) + (
         f"\n\nBatch {data['batch']}, {data['positions']} positions x {data['depths']} depths, CFG on, "
         f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x{hf}, codes identical: {data['same_codes']}; "

@@ -39,6 +39,8 @@ def _random_generator(positions: int = 64, depth: int = 4, codebook: int = 32, d
 
 def bench_generate(out_dir: str | Path = "results", batch: int = 16, repeats: int = 3, run: Optional[str] = None,
                    quick: bool = False) -> dict:
+    from evotok.models.lm_decode import lean_decode_supported
+
     if run:
         from evotok.lit.generation_module import load_generation
 
@@ -52,10 +54,7 @@ def bench_generate(out_dir: str | Path = "results", batch: int = 16, repeats: in
     prompt = torch.randint(4, 100, (batch, 12), generator=g)
     mask = torch.ones_like(prompt)
     uncond, umask = prompt[:1, :4], torch.ones(1, 4, dtype=torch.long)
-    from evotok.models.lm_decode import lean_decode_supported
-
     # (label, use_cache, decode_impl): the sampler's default, the LM's own forward with its DynamicCache, no cache
-    lean = lean_decode_supported(gen.lm) is None
     variants = [("cached", True, "auto"), ("cached_hf", True, "hf"), ("uncached", False, "auto")]
     times: dict[str, list[float]] = {v[0]: [] for v in variants}
     codes = {}
@@ -77,7 +76,7 @@ def bench_generate(out_dir: str | Path = "results", batch: int = 16, repeats: in
                     cache.push(cache.logits().argmax(dim=-1))
         head.append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    decode = {"cached": "lean" if lean else "hf", "cached_hf": "hf", "uncached": "-"}
+    decode = {"cached": "lean" if lean_decode_supported(gen.lm) is None else "hf", "cached_hf": "hf", "uncached": "-"}
     result = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": batch, "positions": positions,
         "depths": gen.config.lpix, "repeats": repeats, "model": run or "random embedded-size generator",

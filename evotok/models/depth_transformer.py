@@ -111,8 +111,8 @@ class _Block(nn.Module):
 class DepthCache:
     """Depth-by-depth sampling state of one batch of positions: every depth's input but its code term computed
     once, each block's keys and values of the depths so far (in buffers for all D depths), and z_k.
-    ``logits()`` gives depth k's logits (N, K); ``push(codes_N)`` appends depth k's codes. Equals :meth:`DepthTransformer.logits_at` on the same prefix
-    (eval mode), without recomputing the prefix."""
+    ``logits()`` gives depth k's logits (N, K); ``push(codes_N)`` appends depth k's codes. Equals
+    :meth:`DepthTransformer.logits_at` on the same prefix (eval mode), without recomputing the prefix."""
 
     def __init__(self, head: "DepthTransformer", context_NC: Tensor):
         c = head.config
@@ -126,7 +126,7 @@ class DepthCache:
         h, k = self.head, self.k
         if k >= h.config.depth:
             raise ValueError(f"all {h.config.depth} depths are sampled")
-        x_NC = self.x_DNC[k] + h.code_proj(self.z_Nd) if k else self.x_DNC[0]
+        x_NC = (self.x_DNC[k] + h.code_proj(self.z_Nd)) if k else self.x_DNC[0]
         for block, kv in zip(h.blocks, self.kv):
             x_NC = block.step(x_NC, kv, k)
         return torch.addmm(h.head_b_DK[k], h.ln_f(x_NC), h.head_w_DCK[k])

@@ -149,8 +149,10 @@ class ImageGenerator(nn.Module):
 
         if decode_impl not in DECODE_IMPLS:
             raise SamplingError(f"decode_impl must be one of {DECODE_IMPLS}, got {decode_impl!r}")
-        why_not = lean_decode_supported(self.lm) if decode_impl != "hf" else "hf asked for"
-        if decode_impl == "lean" and why_not:
+        if decode_impl == "hf":
+            return False
+        why_not = lean_decode_supported(self.lm)
+        if why_not and decode_impl == "lean":
             raise SamplingError(f"decode_impl='lean' does not support this LM: {why_not}; use 'hf' or 'auto'")
         return why_not is None
 

@@ -4,8 +4,9 @@ buffers (the sampler's ``decode_impl="lean"``).
 Generation runs the LM one image position at a time. Through ``transformers`` each such step goes through the
 model's generic forward (mask construction, rotary module, per-layer modules and a growing ``DynamicCache``);
 for the embedded stand-in LM (2 layers, width 128) that bookkeeping costs more than the arithmetic. This step
-computes the same function with the model's own weights, read once: q/k/v and gate/up projections concatenated
-into one matrix each, rotary angles computed once per step for every layer, keys and values written in place.
+computes the same function with the model's own weights and norm modules: q/k/v and gate/up projections
+concatenated into one matrix each, rotary angles computed once per step for every layer, keys and values written
+in place.
 
 The prompt (prefill) still runs through the model's forward; its ``DynamicCache`` is copied into the buffers.
 Supported: ``config.model_type`` in {llama, qwen2}, default rotary embedding, SiLU MLP, every layer full
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.models.llama.modeling_llama import rotate_half  # the same function in Qwen2
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 
@@ -44,11 +46,6 @@ def lean_decode_supported(lm) -> Optional[str]:
     return None
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class _Layer:
     """One decoder layer's weights, concatenated for the decode step."""
 
@@ -61,13 +58,6 @@ class _Layer:
         self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         self.w_down = mlp.down_proj.weight
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-
-
-def _rms(norm, x_RC: Tensor) -> Tensor:
-    """The model's RMSNorm, in its own arithmetic order (float32 statistics, weight after the cast back)."""
-    x32 = x_RC.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x_RC.dtype)
 
 
 class LeanDecoder:
@@ -110,15 +100,15 @@ class LeanDecoder:
         sin = (angles.sin() * self.rope_scale).to(x_RC.dtype)[:, None]
         mask = self.key_mask_RS[:, None, None, : t + 1]
         for layer, kv in zip(self.layers, self.kv):
-            qkv = F.linear(_rms(layer.norm1, x_RC), layer.w_qkv, layer.b_qkv).view(R, H + 2 * G, h)
+            qkv = F.linear(layer.norm1(x_RC), layer.w_qkv, layer.b_qkv).view(R, H + 2 * G, h)
             qk = qkv[:, : H + G]
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             kv[0, :, :, t] = qk[:, H:]
             kv[1, :, :, t] = qkv[:, H + G:]
             a = F.scaled_dot_product_attention(qk[:, :H, None], kv[0, :, :, : t + 1], kv[1, :, :, : t + 1],
                                                attn_mask=mask, enable_gqa=H != G)
             x_RC = x_RC + F.linear(a.reshape(R, H * h), layer.w_o, layer.b_o)
-            gate, up = F.linear(_rms(layer.norm2, x_RC), layer.w_gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(layer.norm2(x_RC), layer.w_gate_up).chunk(2, dim=-1)
             x_RC = x_RC + F.linear(F.silu(gate) * up, layer.w_down)
         self.length = t + 1
-        return _rms(self.final_norm, x_RC)
+        return self.final_norm(x_RC)
