@@ -223,15 +223,17 @@ def render_bench_generate(results: Path) -> str:
     if data is None:
         return _missing("evotok bench generate")
     step = {"lean": "lean decode step", "hf": "the LM's own forward", "-": "-"}
-    rows = ["| KV cache | LM step | seconds per batch | images/s |", "|---|---|---|---|"]
+    rows = ["| threads | KV cache | LM step | seconds per batch | images/s |", "|---|---|---|---|---|"]
     for r in data["rows"]:
-        rows.append(f"| {'yes' if r['kv_cache'] else 'no'} | {step[r['decode']]} | {r['seconds']:.2f} | "
-                    f"{r['images_per_s']:.2f} |")
-    hf = f" ({data['speedup_hf']:.2f}x through the LM's own forward)"
+        rows.append(f"| {r.get('threads', data['threads'])} | {'yes' if r['kv_cache'] else 'no'} | "
+                    f"{step[r['decode']]} | {r['seconds']:.2f} | {r['images_per_s']:.2f} |")
+    by_threads = data.get("speedup_by_threads") or {str(data["threads"]): data}
+    ratios = "; ".join(f"{r['speedup']:.2f}x at {t} thread{'s' * (int(t) > 1)} ({r['speedup_hf']:.2f}x through the "
+                       f"LM's own forward)" for t, r in by_threads.items())
     return "\n".join(rows) + (
         f"\n\nBatch {data['batch']}, {data['positions']} positions x {data['depths']} depths, CFG on, "
-        f"{data['model']}; KV cache speed-up {data['speedup']:.2f}x{hf}, codes identical: {data['same_codes']}; "
-        f"measured {data['date']} with {data['threads']} threads (`evotok bench generate`)."
+        f"{data['model']}; KV cache speed-up {ratios}; codes identical: {data['same_codes']}; measured "
+        f"{data['date']}, {data['threads']} threads by default (`evotok bench generate`)."
         + (f" The depth transformer alone (its cached depth-by-depth sampling on both CFG halves, the same work "
            f"with or without the LM's cache): {data['depth_head_seconds']:.2f} s per batch."
            if "depth_head_seconds" in data else "") + "\n")

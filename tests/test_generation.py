@@ -202,7 +202,13 @@ def test_checker_run_records_test_and_heldout_accuracy(runs):
 def test_bench_generate_quick(tmp_path):
     from evotok.bench.generate import bench_generate
 
+    torch.set_num_threads(2)  # the bench times 1 thread and the default count (restored by the autouse fixture)
     r = bench_generate(out_dir=tmp_path, quick=True)
+    assert torch.get_num_threads() == 2
     assert r["same_codes"] and r["speedup"] > 0 and r["speedup_hf"] > 0 and r["depth_head_seconds"] > 0
-    assert [(row["kv_cache"], row["decode"]) for row in r["rows"]] == [(True, "lean"), (True, "hf"), (False, "-")]
+    threads = [1, 2]
+    assert [(row["threads"], row["kv_cache"], row["decode"]) for row in r["rows"]] == [
+        (t, *v) for t in threads for v in [(True, "lean"), (True, "hf"), (False, "-")]]
+    assert set(r["speedup_by_threads"]) == {str(t) for t in threads}
+    assert r["speedup"] == r["speedup_by_threads"]["2"]["speedup"]
     assert (tmp_path / "bench_generate.json").is_file()

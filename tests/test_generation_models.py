@@ -109,6 +109,51 @@ def test_depth_transformer_step_matches_teacher_forcing():
         cache.logits()
 
 
+def _cpp_step_builds() -> bool:
+    from evotok.models.depth_transformer import _depth_step_module
+    from evotok.ops import build
+
+    return build.compiler_available() and _depth_step_module() is not None
+
+
+@pytest.mark.parametrize("heads, layers", [(4, 2), (1, 3)])
+def test_cpp_depth_step_equals_the_torch_step(heads, layers):
+    """The C++ step (evotok/ops/csrc/depth_step_cpu.cpp) against _Block.step: logits at every depth, and the keys
+    and values it leaves in the shared buffers."""
+    if not _cpp_step_builds():
+        pytest.skip("the CPU extension does not build here")
+    torch.manual_seed(heads)
+    cfg = DepthTransformerConfig(context_dim=24, depth=D, codebook_size=K, code_dim=d, width=32, layers=layers,
+                                 heads=heads)
+    head = DepthTransformer(cfg, _codebooks(D)).eval()
+    ctx, codes = torch.randn(7, 24), torch.randint(0, K, (7, D))
+    with torch.no_grad():
+        full = head(ctx, codes)
+        ref, fast = head.cache(ctx, "torch"), head.cache(ctx, "cpp")
+        assert (ref.impl, fast.impl) == ("torch", "cpp")
+        for k in range(D):
+            want = ref.logits()
+            torch.testing.assert_close(fast.logits(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(want, full[:, k], rtol=1e-5, atol=1e-5)
+            ref.push(codes[:, k]), fast.push(codes[:, k])
+        for a, b in zip(ref.kv, fast.kv):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_depth_step_impl_resolution():
+    head, ctx = _head().eval(), torch.randn(3, 24)
+    assert head.cache(ctx, "auto").impl == "torch"  # autograd on: the C++ step does not apply
+    with pytest.raises(ValueError, match="impl='cpp' cannot run this depth step: it runs under torch.no_grad"):
+        head.cache(ctx, "cpp")
+    with pytest.raises(ValueError, match="depth step impl must be one of"):
+        head.cache(ctx, "fast")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float64"):
+            head.double().cache(ctx.double(), "cpp")
+        head.float()
+        assert head.cache(ctx, "auto").impl == ("cpp" if _cpp_step_builds() else "torch")
+
+
 def test_cumulative_code_vectors_sum_codebook_rows():
     cb = _codebooks(D)
     codes = torch.tensor([[1, 2, 3, 4]])
@@ -194,15 +239,15 @@ def test_per_depth():
 
 
 # -- generator: sampling ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["lean", "hf"])
-def test_kv_cached_sampling_equals_uncached(gen, prompts, impl):
-    cached = _sample(gen, prompts, use_cache=True, decode_impl=impl)
+@pytest.mark.parametrize("impl, depth_impl", [("lean", "auto"), ("hf", "auto"), ("lean", "torch")])
+def test_kv_cached_sampling_equals_uncached(gen, prompts, impl, depth_impl):
+    cached = _sample(gen, prompts, use_cache=True, decode_impl=impl, depth_impl=depth_impl)
     assert cached.shape == (3, 9, D) and cached.dtype == torch.long
     assert cached.min() >= 0 and cached.max() < K
     assert torch.equal(cached, _sample(gen, prompts, use_cache=False))
     # per-depth filters go through the same loop
     kw = dict(top_k=[4, 8, 16, 0], top_p=[0.9, 1.0, 0.7, 0.95])
-    assert torch.equal(_sample(gen, prompts, use_cache=True, decode_impl=impl, **kw),
+    assert torch.equal(_sample(gen, prompts, use_cache=True, decode_impl=impl, depth_impl=depth_impl, **kw),
                        _sample(gen, prompts, use_cache=False, **kw))
 
 
@@ -253,6 +298,8 @@ def test_decode_impl_falls_back_or_refuses_where_lean_does_not_apply(prompts):
         _sample(g, prompts, decode_impl="lean")
     with pytest.raises(SamplingError, match="decode_impl must be one of"):
         _sample(g, prompts, decode_impl="fast")
+    with pytest.raises(SamplingError, match="depth_impl must be one of"):
+        _sample(g, prompts, depth_impl="fast")
 
 
 def test_sampling_is_deterministic_for_a_seed(gen, prompts):

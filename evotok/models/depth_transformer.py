@@ -22,6 +22,7 @@ Symbols: N rows (positions), D depths, K codes per depth, d code dimension, C co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -98,38 +99,102 @@ class _Block(nn.Module):
 
     def step(self, x_NC: Tensor, kv_2NHDh: Tensor, k: int) -> Tensor:
         """Inference: the new depth-k token of every row attending to itself and the earlier depths, whose keys
-        and values ``kv_2NHDh`` (preallocated for all D depths) holds; this token's are written at index k."""
+        and values ``kv_2NHDh`` (preallocated for all D depths) holds; this token's are written at index k.
+
+        The same function as :meth:`forward` on the prefix, written for the sampler's ~1k calls per image:
+        functional calls on this block's weights (no module dispatch), and at depth 0, where the token's only key
+        is its own, the attention output is its value (the softmax weight of a single key is exactly 1)."""
         N, C = x_NC.shape
-        qkv_N3Hh = self.qkv(self.ln1(x_NC)).view(N, 3, self.heads, C // self.heads)
+        ln1, ln2, up, act, down = self.ln1, self.ln2, self.mlp[0], self.mlp[1], self.mlp[2]
+        x_ln = F.layer_norm(x_NC, (C,), ln1.weight, ln1.bias, ln1.eps)
+        qkv_N3Hh = F.linear(x_ln, self.qkv.weight, self.qkv.bias).view(N, 3, self.heads, C // self.heads)
         kv_2NHDh[:, :, :, k] = qkv_N3Hh[:, 1:].transpose(0, 1)
-        keys, values = kv_2NHDh[:, :, :, : k + 1]
-        a = F.scaled_dot_product_attention(qkv_N3Hh[:, 0, :, None], keys, values)  # the newest token sees all
-        x_NC = x_NC + self.proj(a.view(N, C))
-        return x_NC + self.mlp(self.ln2(x_NC))
+        if k == 0:
+            a_NHh = qkv_N3Hh[:, 2]
+        else:
+            keys, values = kv_2NHDh[:, :, :, : k + 1]
+            a_NHh = F.scaled_dot_product_attention(qkv_N3Hh[:, 0, :, None], keys, values)  # the newest sees all
+        x_NC = x_NC + F.linear(a_NHh.reshape(N, C), self.proj.weight, self.proj.bias)
+        h_NF = F.gelu(F.linear(F.layer_norm(x_NC, (C,), ln2.weight, ln2.bias, ln2.eps), up.weight, up.bias),
+                      approximate=act.approximate)
+        return x_NC + F.linear(h_NF, down.weight, down.bias)
+
+
+DEPTH_STEP_IMPLS = ("auto", "torch", "cpp")
+"""How :class:`DepthCache` runs a step: "torch" (:meth:`_Block.step` per block), "cpp" (the whole step in one call
+of the CPU extension, ``evotok/ops/csrc/depth_step_cpu.cpp``: float32 CPU tensors under ``torch.no_grad()``; it
+falls back to "torch", with one warning, where the extension does not build), "auto" ("cpp" where it applies)."""
+
+
+def _depth_step_module():
+    from evotok.ops.build import load_cpu
+
+    return load_cpu()
+
+
+def _cpp_step_fits(head: "DepthTransformer", x: Tensor) -> Optional[str]:
+    """Why the C++ step cannot run this head on ``x`` (None if it can)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return f"it runs float32 CPU tensors, got {x.dtype} on {x.device}"
+    if torch.is_grad_enabled():
+        return "it runs under torch.no_grad() only"
+    norms = [m for block in head.blocks for m in (block.ln1, block.ln2)] + [head.ln_f]
+    if len({m.eps for m in norms}) != 1 or any(block.mlp[1].approximate != "none" for block in head.blocks):
+        return "it needs one LayerNorm eps and the exact GELU"
+    return None
+
+
+class StepPlan(NamedTuple):
+    """How a :class:`DepthCache` runs its steps, resolved once (:meth:`DepthTransformer.step_plan`) and shared by
+    the caches of one sampling call: the implementation and, for "cpp", the blocks' weights in the kernel's order."""
+
+    impl: str
+    weights: list
+
+
+def resolve_depth_step(impl: str, head: "DepthTransformer", x: Tensor) -> str:
+    """The implementation ``impl`` (one of :data:`DEPTH_STEP_IMPLS`) runs as for ``head`` on ``x``."""
+    if impl not in DEPTH_STEP_IMPLS:
+        raise ValueError(f"depth step impl must be one of {DEPTH_STEP_IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return impl
+    why_not = _cpp_step_fits(head, x)
+    if why_not and impl == "cpp":
+        raise ValueError(f"impl='cpp' cannot run this depth step: {why_not}; use impl='torch' or 'auto'")
+    return "cpp" if why_not is None and _depth_step_module() is not None else "torch"
 
 
 class DepthCache:
     """Depth-by-depth sampling state of one batch of positions: every depth's input but its code term computed
     once, each block's keys and values of the depths so far (in buffers for all D depths), and z_k.
     ``logits()`` gives depth k's logits (N, K); ``push(codes_N)`` appends depth k's codes. Equals
-    :meth:`DepthTransformer.logits_at` on the same prefix (eval mode), without recomputing the prefix."""
+    :meth:`DepthTransformer.logits_at` on the same prefix (eval mode), without recomputing the prefix.
+    ``impl``: one of :data:`DEPTH_STEP_IMPLS` or a :class:`StepPlan` (``self.impl`` is the one that runs)."""
 
-    def __init__(self, head: "DepthTransformer", context_NC: Tensor):
+    def __init__(self, head: "DepthTransformer", context_NC: Tensor, impl: "str | StepPlan" = "auto"):
         c = head.config
         N, self.head, self.k = len(context_NC), head, 0
         ctx_NC = head.ctx_proj(context_NC.to(head.ctx_proj.weight.dtype))
         self.x_DNC = ctx_NC + head.depth_emb_DC[:, None]  # every depth's input but its code term
         self.z_Nd = ctx_NC.new_zeros(N, c.code_dim)
         self.kv = [ctx_NC.new_empty(2, N, c.heads, c.depth, c.width // c.heads) for _ in head.blocks]
+        plan = impl if isinstance(impl, StepPlan) else head.step_plan(impl, self.x_DNC)
+        self.impl, self._weights = plan
 
     def logits(self) -> Tensor:
         h, k = self.head, self.k
         if k >= h.config.depth:
             raise ValueError(f"all {h.config.depth} depths are sampled")
-        x_NC = (self.x_DNC[k] + h.code_proj(self.z_Nd)) if k else self.x_DNC[0]
+        x_NC = (self.x_DNC[k] + F.linear(self.z_Nd, h.code_proj.weight, h.code_proj.bias)) if k else self.x_DNC[0]
+        if self.impl == "cpp":
+            return _depth_step_module().depth_step_cpu(
+                x_NC, self.kv, k, self._weights, h.ln_f.weight, h.ln_f.bias, h.head_w_DCK[k], h.head_b_DK[k],
+                h.config.heads, h.ln_f.eps)
         for block, kv in zip(h.blocks, self.kv):
             x_NC = block.step(x_NC, kv, k)
-        return torch.addmm(h.head_b_DK[k], h.ln_f(x_NC), h.head_w_DCK[k])
+        ln_f = h.ln_f
+        x_NC = F.layer_norm(x_NC, (x_NC.shape[1],), ln_f.weight, ln_f.bias, ln_f.eps)
+        return torch.addmm(h.head_b_DK[k], x_NC, h.head_w_DCK[k])
 
     def push(self, codes_N: Tensor) -> None:
         self.z_Nd = self.z_Nd + self.head.codebooks_DKd[self.k, codes_N]
@@ -192,6 +257,14 @@ class DepthTransformer(nn.Module):
         h_NC = self._hidden(context_NC, codes_prefix_Nk)[:, -1]
         return h_NC @ self.head_w_DCK[k] + self.head_b_DK[k]
 
-    def cache(self, context_NC: Tensor) -> DepthCache:
+    def cache(self, context_NC: Tensor, impl: "str | StepPlan" = "auto") -> DepthCache:
         """Sampling with keys and values kept across depths (see :class:`DepthCache`)."""
-        return DepthCache(self, context_NC)
+        return DepthCache(self, context_NC, impl)
+
+    def step_plan(self, impl: str, like: Tensor) -> StepPlan:
+        """:class:`StepPlan` of ``impl`` for steps on tensors like ``like`` (dtype, device) in the current grad mode."""
+        impl = resolve_depth_step(impl, self, like)
+        weights = [w for b in self.blocks for w in (
+            b.ln1.weight, b.ln1.bias, b.qkv.weight, b.qkv.bias, b.proj.weight, b.proj.bias, b.ln2.weight, b.ln2.bias,
+            b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias)] if impl == "cpp" else []
+        return StepPlan(impl, weights)

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evotok.models.depth_transformer import (
+    DEPTH_STEP_IMPLS,
     DepthTransformer,
+    StepPlan,
     DepthTransformerConfig,
     GenerationConfigError,
     check_dropout,
@@ -179,23 +181,26 @@ class ImageGenerator(nn.Module):
     def _sample_depths(
         self, hidden_RH: Tensor, cfg_scale: Optional[float], temperature: float,
         top_k_D: list, top_p_D: list, generator: Optional[torch.Generator], use_cache: bool = True,
+        depth_plan: "str | StepPlan" = "auto",
     ) -> Tensor:
         """Codes (B, D) of one position from its LM hidden states: R = 2B rows [cond; uncond] when
         ``cfg_scale`` is given, else R = B conditional rows. ``use_cache``: the depth transformer keeps its keys
         and values across depths (else it recomputes the prefix at every depth)."""
-        codes_RD = hidden_RH.new_zeros(hidden_RH.shape[0], 0, dtype=torch.long)
-        cache = self.head.cache(hidden_RH) if use_cache else None
+        codes_RD = hidden_RH.new_zeros(hidden_RH.shape[0], 0, dtype=torch.long)  # the prefix, without the cache
+        cache = self.head.cache(hidden_RH, depth_plan) if use_cache else None
+        columns = []
         for k in range(self.config.lpix):
             logits = cache.logits() if cache is not None else self.head.logits_at(hidden_RH, codes_RD)
             if cfg_scale is not None:
                 logits = cfg_logits(logits, cfg_scale)
             ids_B = sample(logits, temperature, top_k_D[k], top_p_D[k], generator)
-            if cfg_scale is not None:
-                ids_B = ids_B.repeat(2)
+            columns.append(ids_B)
+            ids_R = torch.cat([ids_B, ids_B]) if cfg_scale is not None else ids_B  # both CFG halves
             if cache is not None:
-                cache.push(ids_B)
-            codes_RD = torch.cat([codes_RD, ids_B[:, None]], dim=1)
-        return codes_RD[: codes_RD.shape[0] // 2] if cfg_scale is not None else codes_RD
+                cache.push(ids_R)
+            else:
+                codes_RD = torch.cat([codes_RD, ids_R[:, None]], dim=1)
+        return torch.stack(columns, dim=1)
 
     @torch.no_grad()
     def generate(
@@ -213,6 +218,7 @@ class ImageGenerator(nn.Module):
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
         decode_impl: str = "auto",
+        depth_impl: str = "auto",
     ) -> Tensor:
         """Sample codes (B, n_positions, D) row-major. Call ``eval()`` first (dropout is the caller's mode).
 
@@ -224,7 +230,8 @@ class ImageGenerator(nn.Module):
         ``decode_impl`` (with the cache): "hf" runs every position through the LM's own forward and
         ``DynamicCache``; "lean" through :class:`~evotok.models.lm_decode.LeanDecoder` (Llama / Qwen2-style LMs:
         the same function with less bookkeeping per step); "auto" takes "lean" where it is supported.
-        Deterministic for a fixed ``generator``.
+        ``depth_impl`` (with the cache): how the depth transformer's steps run, see
+        :data:`~evotok.models.depth_transformer.DEPTH_STEP_IMPLS`. Deterministic for a fixed ``generator``.
         """
         D = self.config.lpix
         cfg_scale, temperature = check_cfg_scale(cfg_scale), check_temperature(temperature)
@@ -233,6 +240,9 @@ class ImageGenerator(nn.Module):
         if n_positions < 1:
             raise SamplingError(f"n_positions must be >= 1, got {n_positions}")
         use_lean = self._lean_decode(decode_impl) and use_cache
+        if depth_impl not in DEPTH_STEP_IMPLS:
+            raise SamplingError(f"depth_impl must be one of {DEPTH_STEP_IMPLS}, got {depth_impl!r}")
+        depth_plan = self.head.step_plan(depth_impl, self.head.depth_emb_DC) if use_cache else depth_impl
         B = prompt_ids_BT.shape[0]
         ids, mask = prompt_ids_BT, prompt_mask_BT.long()
         guided = cfg_scale != 1.0
@@ -266,7 +276,8 @@ class ImageGenerator(nn.Module):
         out = []
         for p in range(n_positions):
             codes_BD = self._sample_depths(
-                hidden_RH, cfg_scale if guided else None, temperature, top_k_D, top_p_D, generator, use_cache
+                hidden_RH, cfg_scale if guided else None, temperature, top_k_D, top_p_D, generator, use_cache,
+                depth_plan,
             )
             out.append(codes_BD)
             if p == n_positions - 1:

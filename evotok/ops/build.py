@@ -1,4 +1,5 @@
-"""Lazy JIT builds of the residual-VQ extensions, cached by a hash of their sources.
+"""Lazy JIT builds of the C++/CUDA extensions (the residual-VQ kernels; on the CPU also the depth transformer's
+sampling step), cached by a hash of their sources.
 
 ``load_cpu()`` / ``load_cuda()`` return the compiled module or ``None``; the first failure in a process
 emits ONE warning naming the reason and is remembered, so callers fall back to the reference.
@@ -23,7 +24,7 @@ from types import ModuleType
 from typing import Optional
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ("rvq_cpu.cpp",)
+CPU_SOURCES = ("rvq_cpu.cpp", "depth_step_cpu.cpp")  # one module: the RVQ kernels and the depth step
 CUDA_SOURCES = ("rvq_cuda.cu", "rvq_cuda_bind.cpp")
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: it may break the tie rule
 CPU_LDFLAGS = ["-fopenmp"]
@@ -138,8 +139,9 @@ def load(kind: str, *, cache_root: Optional[Path] = None, verbose: bool = False,
             _errors[kind] = reason
             if warn:
                 warnings.warn(
-                    f"evotok.ops: building the {kind} residual-VQ extension failed ({reason}); "
-                    "falling back to impl='ref'",
+                    f"evotok.ops: building the {kind} extension failed ({reason}); falling back to "
+                    + ("impl='ref' for the residual VQ and impl='torch' for the depth step" if kind == "cpu"
+                       else "impl='ref'"),
                     RuntimeWarning,
                     stacklevel=3,
                 )

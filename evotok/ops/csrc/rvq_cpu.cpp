@@ -26,6 +26,8 @@
 #include <limits>
 #include <vector>
 
+#include "depth_step.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 namespace simd {
@@ -276,4 +278,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rvq_assign_cpu", &rvq_assign_cpu, "fused residual-VQ assignment (CPU)");
   m.def("rvq_accumulate_cpu", &rvq_accumulate_cpu, "per-row sums and counts of src grouped by idx");
   m.def("simd_name", &rvq_simd_name, "SIMD path compiled in (avx512 | avx2 | scalar)");
+  m.def("depth_step_cpu", &depth_step_cpu, "one sampling step of the depth transformer (depth_step_cpu.cpp)");
 }
