@@ -187,6 +187,74 @@ def test_geneval_prompts_and_scoring():
     assert s == {"geneval/counting": 0.5, "geneval/colors": 0.5, "geneval/overall": 0.5}
 
 
+def _fitted_checker(images_BCHW: torch.Tensor, labels_NF: torch.Tensor, max_steps: int = 150):
+    """A small checker trained on ``images_BCHW`` until it reads every one of them correctly."""
+    import torch.nn.functional as F
+
+    from evotok.data.evoshapes import FACTOR_KEYS
+    from evotok.models.checker import FACTORS, build_checker
+
+    checker = build_checker(16)
+    opt = torch.optim.Adam(checker.parameters(), lr=3e-3)
+    for step in range(max_steps):
+        logits = checker(images_BCHW).logits
+        loss = sum(F.cross_entropy(logits[f], labels_NF[:, FACTOR_KEYS.index(f)]) for f in FACTORS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 10 == 9:
+            read = checker.eval().read(images_BCHW)
+            checker.train()
+            if all(torch.equal(read[f], labels_NF[:, FACTOR_KEYS.index(f)]) for f in FACTORS):
+                break
+    return checker.eval()
+
+
+def test_checker_scores_a_hand_made_set_of_right_and_wrong_images(tmp_path):
+    """Real EvoShapes images chosen by their labels for every tag's prompts: the right image has every factor the
+    prompt names, each wrong one differs from it in exactly one named factor. Read by a checker fitted to the image
+    pool (asserted to read the pool correctly), the scoring marks every right image correct and every wrong one
+    incorrect, and a mixed set scores the exact fraction per tag."""
+    from evotok.data.evoshapes import FACTOR_KEYS, labels_from_row, partial_caption
+    from evotok.data.sources import build_dataset
+    from evotok.eval.geneval import TAGS, Prompt, checker_reads, tag_scores
+
+    cfg = load_config("checker/tiny", [f"data.cache_dir={tmp_path}", "data.test_size=128"])
+    pool = build_dataset(cfg.data, "test")
+    images = torch.stack([pool[i]["image"] for i in range(len(pool))])
+    labels_NF = torch.as_tensor(np.array(pool.labels_NF), dtype=torch.long)
+    checker = _fitted_checker(images, labels_NF)
+    assert checker_reads(checker, images) == [labels_from_row(row) for row in labels_NF.tolist()]
+
+    prompts, right, wrong = [], [], []  # wrong: (prompt index, image index)
+    for i in range(12):
+        labels = pool.labels(i)
+        for tag, named in TAGS.items():
+            if tag == "heldout":  # its pairs are never in the test split
+                continue
+            want = {f: labels[f] for f in named}
+            prompts.append(Prompt(tag, partial_caption(labels, named), want))
+            right.append(i)
+            for f in named:  # an image agreeing on every other named factor, differing in f
+                ok = labels_NF[:, FACTOR_KEYS.index(f)] != want[f]
+                for g in named:
+                    if g != f:
+                        ok &= labels_NF[:, FACTOR_KEYS.index(g)] == want[g]
+                rows = torch.nonzero(ok).flatten()
+                if len(rows):
+                    wrong.append((len(prompts) - 1, int(rows[0])))
+    assert {prompts[p].tag for p, _ in wrong} == set(TAGS) - {"heldout"}  # every tag has wrong images
+    scored_right = tag_scores(prompts, checker_reads(checker, images[right]))
+    assert set(scored_right.values()) == {1.0}
+    wrong_prompts = [prompts[p] for p, _ in wrong]
+    scored_wrong = tag_scores(wrong_prompts, checker_reads(checker, images[[j for _, j in wrong]]))
+    assert set(scored_wrong.values()) == {0.0}
+    mixed = tag_scores(prompts + wrong_prompts, checker_reads(checker, images[right + [j for _, j in wrong]]))
+    for tag in set(TAGS) - {"heldout"}:
+        n_right = sum(p.tag == tag for p in prompts)
+        assert mixed[f"geneval/{tag}"] == n_right / (n_right + sum(p.tag == tag for p in wrong_prompts))
+
+
 @pytest.mark.slow
 def test_checker_run_records_test_and_heldout_accuracy(runs):
     from evotok.lit.checker_module import load_checker

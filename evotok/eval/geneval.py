@@ -84,6 +84,16 @@ def correct(want: dict[str, int], read: dict[str, int]) -> bool:
     return all(int(read[f]) == int(v) for f, v in want.items())
 
 
+@torch.no_grad()
+def checker_reads(checker, images_BCHW: torch.Tensor, batch_size: int = 256) -> list[dict[str, int]]:
+    """The checker's reading of each image, {factor: class index}, in order (call ``checker.eval()`` first)."""
+    reads = []
+    for i in range(0, len(images_BCHW), batch_size):
+        got = checker.read(images_BCHW[i:i + batch_size])
+        reads += [{f: int(v[b]) for f, v in got.items()} for b in range(len(next(iter(got.values()))))]
+    return reads
+
+
 def tag_scores(prompts: Sequence[Prompt], reads: Sequence[dict[str, int]]) -> dict[str, float]:
     """``geneval/<tag>`` (fraction of correct images) and ``geneval/overall`` (the mean over tags); ``reads``:
     the checker's reading of each image, in the order of ``prompts`` (a prompt repeated per sample)."""
@@ -145,9 +155,8 @@ def ceiling_scores(prompts: Sequence[Prompt], checker, evotok, data_cfg, seed: i
         if not have:
             continue
         recon = lpix_reconstructions(evotok, torch.stack([ds[r]["image"] for _, r in have]))
-        got = checker.read(recon)
-        for b, (i, _) in enumerate(have):
-            reads[i] = {f: int(v[b]) for f, v in got.items()}
+        for (i, _), read in zip(have, checker_reads(checker, recon)):
+            reads[i] = read
     never = {f: -1 for f in FACTOR_KEYS}
     scores = tag_scores(prompts, [r or never for r in reads])
     return {k.replace("geneval/", "geneval_ceiling/"): v for k, v in scores.items()}
@@ -344,8 +353,7 @@ def evaluate_geneval(run, checker_run: str = "", n_per_tag: int = 16, n_samples:
     for i in tqdm(range(0, len(prompts), batch_size), desc="geneval", unit="batch", disable=not progress):
         chunk = prompts[i:i + batch_size]
         imgs, _ = sample_images(gen, tokenizer, evotok, [p.text for p in chunk], **st, generator=g)
-        r = checker.read(imgs)
-        reads += [{f: int(v[b]) for f, v in r.items()} for b in range(len(chunk))]
+        reads += checker_reads(checker, imgs)
         images.append(imgs)
     images_N = torch.cat(images)
     scores = tag_scores(prompts, reads)
