@@ -110,10 +110,10 @@ def test_depth_transformer_step_matches_teacher_forcing():
 
 
 def _cpp_step_builds() -> bool:
-    from evotok.models.depth_transformer import _depth_step_module
     from evotok.ops import build
+    from evotok.ops.steps import cpu_module
 
-    return build.compiler_available() and _depth_step_module() is not None
+    return build.compiler_available() and cpu_module() is not None
 
 
 @pytest.mark.parametrize("heads, layers", [(4, 2), (1, 3)])
@@ -239,15 +239,15 @@ def test_per_depth():
 
 
 # -- generator: sampling ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl, depth_impl", [("lean", "auto"), ("hf", "auto"), ("lean", "torch")])
-def test_kv_cached_sampling_equals_uncached(gen, prompts, impl, depth_impl):
-    cached = _sample(gen, prompts, use_cache=True, decode_impl=impl, depth_impl=depth_impl)
+@pytest.mark.parametrize("impl, step_impl", [("lean", "auto"), ("hf", "auto"), ("lean", "torch")])
+def test_kv_cached_sampling_equals_uncached(gen, prompts, impl, step_impl):
+    cached = _sample(gen, prompts, use_cache=True, decode_impl=impl, step_impl=step_impl)
     assert cached.shape == (3, 9, D) and cached.dtype == torch.long
     assert cached.min() >= 0 and cached.max() < K
     assert torch.equal(cached, _sample(gen, prompts, use_cache=False))
     # per-depth filters go through the same loop
     kw = dict(top_k=[4, 8, 16, 0], top_p=[0.9, 1.0, 0.7, 0.95])
-    assert torch.equal(_sample(gen, prompts, use_cache=True, decode_impl=impl, depth_impl=depth_impl, **kw),
+    assert torch.equal(_sample(gen, prompts, use_cache=True, decode_impl=impl, step_impl=step_impl, **kw),
                        _sample(gen, prompts, use_cache=False, **kw))
 
 
@@ -261,13 +261,17 @@ def _llama_generator(**config) -> ImageGenerator:
     return ImageGenerator(GeneratorConfig(lpix=D, head_width=32, head_layers=1, head_heads=2), lm, _codebooks()).eval()
 
 
+@pytest.mark.parametrize("step_impl", ["torch", "cpp"])
 @pytest.mark.parametrize("make", [_generator, _llama_generator], ids=["qwen2-gqa", "llama"])
-def test_lean_decode_step_equals_the_models_forward(make):
-    """Hidden states of the lean decode step against the LM's own forward over the whole left-padded sequence."""
+def test_lean_decode_step_equals_the_models_forward(make, step_impl):
+    """Hidden states of the lean decode step (its torch step, and the C++ one of evotok/ops/csrc/lm_step_cpu.cpp)
+    against the LM's own forward over the whole left-padded sequence."""
     from transformers import DynamicCache
 
     from evotok.models.lm_decode import LeanDecoder, lean_decode_supported
 
+    if step_impl == "cpp" and not _cpp_step_builds():
+        pytest.skip("the CPU extension does not build here")
     g = make()
     assert lean_decode_supported(g.lm) is None
     ids, mask = _left_padded([2, 6, 4], seed=4)
@@ -280,7 +284,8 @@ def test_lean_decode_step_equals_the_models_forward(make):
         want = g._lm_hidden(embeds, full_mask, positions)[:, T:]
         cache = DynamicCache(config=g.lm.config)
         g._lm_hidden(embeds[:, :T], mask, positions[:, :T], cache)
-        dec = LeanDecoder(body, cache, mask, capacity=T + new)
+        dec = LeanDecoder(body, cache, mask, capacity=T + new, impl=step_impl)
+        assert dec.impl == step_impl
         got = torch.stack([dec.step(x_RNC[:, j], positions[:, T + j]) for j in range(new)], dim=1)
         with pytest.raises(ValueError, match="all used"):
             dec.step(x_RNC[:, 0], positions[:, -1] + 1)
@@ -298,8 +303,8 @@ def test_decode_impl_falls_back_or_refuses_where_lean_does_not_apply(prompts):
         _sample(g, prompts, decode_impl="lean")
     with pytest.raises(SamplingError, match="decode_impl must be one of"):
         _sample(g, prompts, decode_impl="fast")
-    with pytest.raises(SamplingError, match="depth_impl must be one of"):
-        _sample(g, prompts, depth_impl="fast")
+    with pytest.raises(SamplingError, match="step_impl must be one of"):
+        _sample(g, prompts, step_impl="fast")
 
 
 def test_sampling_is_deterministic_for_a_seed(gen, prompts):

@@ -38,7 +38,7 @@ def _random_generator(positions: int = 64, depth: int = 4, codebook: int = 32, d
     return gen.eval(), positions
 
 
-def bench_generate(out_dir: str | Path = "results", batch: int = 16, repeats: int = 3, run: Optional[str] = None,
+def bench_generate(out_dir: str | Path = "results", batch: int = 16, repeats: int = 5, run: Optional[str] = None,
                    quick: bool = False) -> dict:
     from evotok.models.lm_decode import lean_decode_supported
 

@@ -120,28 +120,14 @@ class _Block(nn.Module):
         return x_NC + F.linear(h_NF, down.weight, down.bias)
 
 
-DEPTH_STEP_IMPLS = ("auto", "torch", "cpp")
-"""How :class:`DepthCache` runs a step: "torch" (:meth:`_Block.step` per block), "cpp" (the whole step in one call
-of the CPU extension, ``evotok/ops/csrc/depth_step_cpu.cpp``: float32 CPU tensors under ``torch.no_grad()``; it
-falls back to "torch", with one warning, where the extension does not build), "auto" ("cpp" where it applies)."""
-
-
-def _depth_step_module():
-    from evotok.ops.build import load_cpu
-
-    return load_cpu()
-
-
 def _cpp_step_fits(head: "DepthTransformer", x: Tensor) -> Optional[str]:
     """Why the C++ step cannot run this head on ``x`` (None if it can)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return f"it runs float32 CPU tensors, got {x.dtype} on {x.device}"
-    if torch.is_grad_enabled():
-        return "it runs under torch.no_grad() only"
+    from evotok.ops.steps import cpu_float32_no_grad
+
     norms = [m for block in head.blocks for m in (block.ln1, block.ln2)] + [head.ln_f]
     if len({m.eps for m in norms}) != 1 or any(block.mlp[1].approximate != "none" for block in head.blocks):
         return "it needs one LayerNorm eps and the exact GELU"
-    return None
+    return cpu_float32_no_grad(x)
 
 
 class StepPlan(NamedTuple):
@@ -150,18 +136,14 @@ class StepPlan(NamedTuple):
 
     impl: str
     weights: list
+    module: object = None  # the compiled extension, for "cpp"
 
 
 def resolve_depth_step(impl: str, head: "DepthTransformer", x: Tensor) -> str:
-    """The implementation ``impl`` (one of :data:`DEPTH_STEP_IMPLS`) runs as for ``head`` on ``x``."""
-    if impl not in DEPTH_STEP_IMPLS:
-        raise ValueError(f"depth step impl must be one of {DEPTH_STEP_IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return impl
-    why_not = _cpp_step_fits(head, x)
-    if why_not and impl == "cpp":
-        raise ValueError(f"impl='cpp' cannot run this depth step: {why_not}; use impl='torch' or 'auto'")
-    return "cpp" if why_not is None and _depth_step_module() is not None else "torch"
+    """The implementation ``impl`` (one of :data:`evotok.ops.steps.STEP_IMPLS`) runs as for ``head`` on ``x``."""
+    from evotok.ops.steps import resolve_step
+
+    return resolve_step(impl, None if impl == "torch" else _cpp_step_fits(head, x), "depth step")
 
 
 class DepthCache:
@@ -169,7 +151,8 @@ class DepthCache:
     once, each block's keys and values of the depths so far (in buffers for all D depths), and z_k.
     ``logits()`` gives depth k's logits (N, K); ``push(codes_N)`` appends depth k's codes. Equals
     :meth:`DepthTransformer.logits_at` on the same prefix (eval mode), without recomputing the prefix.
-    ``impl``: one of :data:`DEPTH_STEP_IMPLS` or a :class:`StepPlan` (``self.impl`` is the one that runs)."""
+    ``impl``: one of :data:`evotok.ops.steps.STEP_IMPLS` ("cpp": the whole step in one call of
+    ``evotok/ops/csrc/depth_step_cpu.cpp``) or a :class:`StepPlan` (``self.impl`` is the one that runs)."""
 
     def __init__(self, head: "DepthTransformer", context_NC: Tensor, impl: "str | StepPlan" = "auto"):
         c = head.config
@@ -179,7 +162,7 @@ class DepthCache:
         self.z_Nd = ctx_NC.new_zeros(N, c.code_dim)
         self.kv = [ctx_NC.new_empty(2, N, c.heads, c.depth, c.width // c.heads) for _ in head.blocks]
         plan = impl if isinstance(impl, StepPlan) else head.step_plan(impl, self.x_DNC)
-        self.impl, self._weights = plan
+        self.impl, self._weights, self._module = plan
 
     def logits(self) -> Tensor:
         h, k = self.head, self.k
@@ -187,7 +170,7 @@ class DepthCache:
             raise ValueError(f"all {h.config.depth} depths are sampled")
         x_NC = (self.x_DNC[k] + F.linear(self.z_Nd, h.code_proj.weight, h.code_proj.bias)) if k else self.x_DNC[0]
         if self.impl == "cpp":
-            return _depth_step_module().depth_step_cpu(
+            return self._module.depth_step_cpu(
                 x_NC, self.kv, k, self._weights, h.ln_f.weight, h.ln_f.bias, h.head_w_DCK[k], h.head_b_DK[k],
                 h.config.heads, h.ln_f.eps)
         for block, kv in zip(h.blocks, self.kv):
@@ -263,8 +246,12 @@ class DepthTransformer(nn.Module):
 
     def step_plan(self, impl: str, like: Tensor) -> StepPlan:
         """:class:`StepPlan` of ``impl`` for steps on tensors like ``like`` (dtype, device) in the current grad mode."""
+        from evotok.ops.steps import cpu_module
+
         impl = resolve_depth_step(impl, self, like)
+        if impl == "torch":
+            return StepPlan(impl, [])
         weights = [w for b in self.blocks for w in (
             b.ln1.weight, b.ln1.bias, b.qkv.weight, b.qkv.bias, b.proj.weight, b.proj.bias, b.ln2.weight, b.ln2.bias,
-            b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias)] if impl == "cpp" else []
-        return StepPlan(impl, weights)
+            b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias)]
+        return StepPlan(impl, weights, cpu_module())

@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evotok.models.depth_transformer import (
-    DEPTH_STEP_IMPLS,
     DepthTransformer,
-    StepPlan,
     DepthTransformerConfig,
     GenerationConfigError,
+    StepPlan,
     check_dropout,
     cumulative_code_vectors,
 )
@@ -49,6 +48,7 @@ from evotok.models.sampling import (
     per_depth,
     sample,
 )
+from evotok.ops.steps import STEP_IMPLS
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class ImageGenerator(nn.Module):
         generator: Optional[torch.Generator] = None,
         use_cache: bool = True,
         decode_impl: str = "auto",
-        depth_impl: str = "auto",
+        step_impl: str = "auto",
     ) -> Tensor:
         """Sample codes (B, n_positions, D) row-major. Call ``eval()`` first (dropout is the caller's mode).
 
@@ -230,8 +230,9 @@ class ImageGenerator(nn.Module):
         ``decode_impl`` (with the cache): "hf" runs every position through the LM's own forward and
         ``DynamicCache``; "lean" through :class:`~evotok.models.lm_decode.LeanDecoder` (Llama / Qwen2-style LMs:
         the same function with less bookkeeping per step); "auto" takes "lean" where it is supported.
-        ``depth_impl`` (with the cache): how the depth transformer's steps run, see
-        :data:`~evotok.models.depth_transformer.DEPTH_STEP_IMPLS`. Deterministic for a fixed ``generator``.
+        ``step_impl`` (with the cache): how the depth transformer's steps and the lean LM steps run, "torch", "cpp"
+        (one call of the CPU extension per step) or "auto" ("cpp" where it applies), see
+        :mod:`evotok.ops.steps`. Deterministic for a fixed ``generator``.
         """
         D = self.config.lpix
         cfg_scale, temperature = check_cfg_scale(cfg_scale), check_temperature(temperature)
@@ -240,9 +241,9 @@ class ImageGenerator(nn.Module):
         if n_positions < 1:
             raise SamplingError(f"n_positions must be >= 1, got {n_positions}")
         use_lean = self._lean_decode(decode_impl) and use_cache
-        if depth_impl not in DEPTH_STEP_IMPLS:
-            raise SamplingError(f"depth_impl must be one of {DEPTH_STEP_IMPLS}, got {depth_impl!r}")
-        depth_plan = self.head.step_plan(depth_impl, self.head.depth_emb_DC) if use_cache else depth_impl
+        if step_impl not in STEP_IMPLS:
+            raise SamplingError(f"step_impl must be one of {STEP_IMPLS}, got {step_impl!r}")
+        depth_plan = self.head.step_plan(step_impl, self.head.depth_emb_DC) if use_cache else "torch"
         B = prompt_ids_BT.shape[0]
         ids, mask = prompt_ids_BT, prompt_mask_BT.long()
         guided = cfg_scale != 1.0
@@ -272,7 +273,8 @@ class ImageGenerator(nn.Module):
         if use_lean:
             from evotok.models.lm_decode import LeanDecoder
 
-            decoder = LeanDecoder(self.lm.base_model, cache, mask, capacity=mask.shape[1] + n_positions - 1)
+            decoder = LeanDecoder(self.lm.base_model, cache, mask, capacity=mask.shape[1] + n_positions - 1,
+                                  impl=step_impl)
         out = []
         for p in range(n_positions):
             codes_BD = self._sample_depths(

@@ -4,9 +4,9 @@ buffers (the sampler's ``decode_impl="lean"``).
 Generation runs the LM one image position at a time. Through ``transformers`` each such step goes through the
 model's generic forward (mask construction, rotary module, per-layer modules and a growing ``DynamicCache``);
 for the embedded stand-in LM (2 layers, width 128) that bookkeeping costs more than the arithmetic. This step
-computes the same function with the model's own weights and norm modules: q/k/v and gate/up projections
-concatenated into one matrix each, rotary angles computed once per step for every layer, keys and values written
-in place.
+computes the same function with the model's own weights and norms: q/k/v and gate/up projections concatenated
+into one matrix each, rotary cos / sin tabulated once per decoder for every position, RMSNorm as one fused
+operation (float32), keys and values written in place.
 
 The prompt (prefill) still runs through the model's forward; its ``DynamicCache`` is copied into the buffers.
 Supported: ``config.model_type`` in {llama, qwen2}, default rotary embedding, SiLU MLP, every layer full
@@ -46,6 +46,14 @@ def lean_decode_supported(lm) -> Optional[str]:
     return None
 
 
+def _rms_norm(norm, x: Tensor) -> Tensor:
+    """``norm(x)`` for a Llama / Qwen2 RMSNorm module: in float32 torch's fused ``rms_norm`` (the same arithmetic,
+    one operation instead of six), else the module itself (it computes in float32 and casts back)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
 class _Layer:
     """One decoder layer's weights, concatenated for the decode step."""
 
@@ -63,19 +71,26 @@ class _Layer:
 class LeanDecoder:
     """Decode steps after a prefill. ``body``: the LM's base model (``lm.base_model``); ``cache``: the
     ``DynamicCache`` its forward filled over the prompt; ``mask_RS``: that prompt's attention mask (0 = pad);
-    ``capacity``: how many slots the buffers hold in all (prompt + steps to come)."""
+    ``capacity``: how many slots the buffers hold in all (prompt + steps to come); ``impl``: "torch", "cpp" (every
+    layer in one call of ``evotok/ops/csrc/lm_step_cpu.cpp``: float32 CPU) or "auto" (see :mod:`evotok.ops.steps`;
+    ``self.impl`` is the one that runs)."""
 
-    def __init__(self, body, cache, mask_RS: Tensor, capacity: int) -> None:
+    def __init__(self, body, cache, mask_RS: Tensor, capacity: int, impl: str = "auto") -> None:
+        from evotok.ops.steps import cpu_module, resolve_step
+
         config = body.config
         self.H, self.G = config.num_attention_heads, config.num_key_value_heads
         self.h = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.layers = [_Layer(layer) for layer in body.layers[: config.num_hidden_layers]]
         self.final_norm = body.norm
-        self.inv_freq = body.rotary_emb.inv_freq.float()
-        self.rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
         R, S = mask_RS.shape
         if capacity < S:
             raise ValueError(f"capacity {capacity} is below the prompt's {S} slots")
+        # rotary cos / sin of every position a slot can hold (a row's position never exceeds its slot index)
+        freqs = torch.arange(capacity, device=mask_RS.device).float()[:, None] * body.rotary_emb.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        scale, dtype = float(getattr(body.rotary_emb, "attention_scaling", 1.0)), cache.layers[0].keys.dtype
+        self.cos_Sh, self.sin_Sh = (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
         self.length = S
         self.key_mask_RS = torch.zeros(R, capacity, dtype=torch.bool, device=mask_RS.device)
         self.key_mask_RS[:, :S] = mask_RS.bool()
@@ -86,6 +101,17 @@ class LeanDecoder:
             buf = keys.new_empty(2, R, self.G, capacity, self.h)
             buf[0, :, :, :S], buf[1, :, :, :S] = keys, values
             self.kv.append(buf)
+        like = self.kv[0]
+        why_not = None if like.device.type == "cpu" and like.dtype == torch.float32 else (
+            f"it runs float32 CPU tensors, got {like.dtype} on {like.device}")
+        self.impl = resolve_step(impl, why_not, "LM decode step")
+        self._module = cpu_module() if self.impl == "cpp" else None
+        none = like.new_empty(0)
+        self._weights = [w for L in self.layers for w in (
+            L.norm1.weight, L.w_qkv, none if L.b_qkv is None else L.b_qkv, L.w_o, none if L.b_o is None else L.b_o,
+            L.norm2.weight, L.w_gate_up, L.w_down)]
+        self._eps = [n.variance_epsilon for L in self.layers for n in (L.norm1, L.norm2)]
+        self._eps.append(self.final_norm.variance_epsilon)
 
     @torch.no_grad()
     def step(self, x_RC: Tensor, position_R: Tensor) -> Tensor:
@@ -94,13 +120,15 @@ class LeanDecoder:
         if t >= self.key_mask_RS.shape[1]:
             raise ValueError(f"the decoder's buffers hold {self.key_mask_RS.shape[1]} slots, all used")
         R, H, G, h = x_RC.shape[0], self.H, self.G, self.h
-        freqs = position_R[:, None].float() * self.inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scale).to(x_RC.dtype)[:, None]  # (R, 1, h): every head alike
-        sin = (angles.sin() * self.rope_scale).to(x_RC.dtype)[:, None]
+        cos, sin = self.cos_Sh[position_R], self.sin_Sh[position_R]  # (R, h): every head alike
+        if self._module is not None:
+            self.length = t + 1
+            return self._module.lm_step_cpu(x_RC.contiguous(), self.kv, t, self.key_mask_RS, cos, sin,
+                                            self._weights, self._eps, self.final_norm.weight, H, G)
+        cos, sin = cos[:, None], sin[:, None]
         mask = self.key_mask_RS[:, None, None, : t + 1]
         for layer, kv in zip(self.layers, self.kv):
-            qkv = F.linear(layer.norm1(x_RC), layer.w_qkv, layer.b_qkv).view(R, H + 2 * G, h)
+            qkv = F.linear(_rms_norm(layer.norm1, x_RC), layer.w_qkv, layer.b_qkv).view(R, H + 2 * G, h)
             qk = qkv[:, : H + G]
             qk = qk * cos + rotate_half(qk) * sin
             kv[0, :, :, t] = qk[:, H:]
@@ -108,7 +136,7 @@ class LeanDecoder:
             a = F.scaled_dot_product_attention(qk[:, :H, None], kv[0, :, :, : t + 1], kv[1, :, :, : t + 1],
                                                attn_mask=mask, enable_gqa=H != G)
             x_RC = x_RC + F.linear(a.reshape(R, H * h), layer.w_o, layer.b_o)
-            gate, up = F.linear(layer.norm2(x_RC), layer.w_gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(_rms_norm(layer.norm2, x_RC), layer.w_gate_up).chunk(2, dim=-1)
             x_RC = x_RC + F.linear(F.silu(gate) * up, layer.w_down)
         self.length = t + 1
-        return self.final_norm(x_RC)
+        return _rms_norm(self.final_norm, x_RC)

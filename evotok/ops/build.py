@@ -1,5 +1,5 @@
-"""Lazy JIT builds of the C++/CUDA extensions (the residual-VQ kernels; on the CPU also the depth transformer's
-sampling step), cached by a hash of their sources.
+"""Lazy JIT builds of the C++/CUDA extensions (the residual-VQ kernels; on the CPU also the generation sampler's
+depth-transformer and LM steps), cached by a hash of their sources.
 
 ``load_cpu()`` / ``load_cuda()`` return the compiled module or ``None``; the first failure in a process
 emits ONE warning naming the reason and is remembered, so callers fall back to the reference.
@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Optional
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ("rvq_cpu.cpp", "depth_step_cpu.cpp")  # one module: the RVQ kernels and the depth step
+CPU_SOURCES = ("rvq_cpu.cpp", "depth_step_cpu.cpp", "lm_step_cpu.cpp")  # one module: RVQ kernels, sampler steps
 CUDA_SOURCES = ("rvq_cuda.cu", "rvq_cuda_bind.cpp")
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # no -ffast-math: it may break the tie rule
 CPU_LDFLAGS = ["-fopenmp"]
@@ -140,7 +140,7 @@ def load(kind: str, *, cache_root: Optional[Path] = None, verbose: bool = False,
             if warn:
                 warnings.warn(
                     f"evotok.ops: building the {kind} extension failed ({reason}); falling back to "
-                    + ("impl='ref' for the residual VQ and impl='torch' for the depth step" if kind == "cpu"
+                    + ("impl='ref' for the residual VQ and impl='torch' for the sampler's steps" if kind == "cpu"
                        else "impl='ref'"),
                     RuntimeWarning,
                     stacklevel=3,

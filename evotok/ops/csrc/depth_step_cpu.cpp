@@ -18,7 +18,7 @@
 #include <cmath>
 #include <vector>
 
-#include "depth_step.h"
+#include "sampling_steps.h"
 
 namespace {
 

@@ -26,7 +26,7 @@
 #include <limits>
 #include <vector>
 
-#include "depth_step.h"
+#include "sampling_steps.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -279,4 +279,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rvq_accumulate_cpu", &rvq_accumulate_cpu, "per-row sums and counts of src grouped by idx");
   m.def("simd_name", &rvq_simd_name, "SIMD path compiled in (avx512 | avx2 | scalar)");
   m.def("depth_step_cpu", &depth_step_cpu, "one sampling step of the depth transformer (depth_step_cpu.cpp)");
+  m.def("lm_step_cpu", &lm_step_cpu, "one decode step of a Llama / Qwen2-style LM (lm_step_cpu.cpp)");
 }
