@@ -235,7 +235,9 @@ def render_bench_generate(results: Path) -> str:
         f"{data['model']}; KV cache speed-up {ratios}; codes identical: {data['same_codes']}; measured "
         f"{data['date']}, {data['threads']} threads by default (`evotok bench generate`)."
         + (f" The depth transformer alone (its cached depth-by-depth sampling on both CFG halves, the same work "
-           f"with or without the LM's cache): {data['depth_head_seconds']:.2f} s per batch."
+           f"with or without the LM's cache): {data['depth_head_seconds']:.2f} s per batch"
+           + (f" with its {data['depth_step']} step, {data['depth_head_seconds_torch']:.2f} s with the torch step"
+              if "depth_step" in data else "") + "."
            if "depth_head_seconds" in data else "") + "\n")
 
 
