@@ -186,8 +186,8 @@ class ImageGenerator(nn.Module):
         """Codes (B, D) of one position from its LM hidden states: R = 2B rows [cond; uncond] when
         ``cfg_scale`` is given, else R = B conditional rows. ``use_cache``: the depth transformer keeps its keys
         and values across depths (else it recomputes the prefix at every depth)."""
-        codes_RD = hidden_RH.new_zeros(hidden_RH.shape[0], 0, dtype=torch.long)  # the prefix, without the cache
         cache = self.head.cache(hidden_RH, depth_plan) if use_cache else None
+        codes_RD = None if use_cache else hidden_RH.new_zeros(hidden_RH.shape[0], 0, dtype=torch.long)  # the prefix
         columns = []
         for k in range(self.config.lpix):
             logits = cache.logits() if cache is not None else self.head.logits_at(hidden_RH, codes_RD)

@@ -66,23 +66,7 @@ void attend(const float* qkv, float* kv, float* a, int64_t N, int64_t H, int64_t
         std::copy(values, values + h, out);
         continue;
       }
-      float top = -INFINITY;
-      for (int64_t j = 0; j <= k; ++j) {
-        float dot = 0.0f;
-        for (int64_t e = 0; e < h; ++e) dot += q[e] * keys[j * h + e];
-        s[j] = dot * scale;
-        top = std::max(top, s[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j <= k; ++j) {
-        s[j] = std::exp(s[j] - top);
-        total += s[j];
-      }
-      for (int64_t e = 0; e < h; ++e) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j <= k; ++j) acc += s[j] * values[j * h + e];
-        out[e] = acc / total;
-      }
+      attend_one(q, keys, values, nullptr, k + 1, h, scale, s, out);
     }
   }
 }

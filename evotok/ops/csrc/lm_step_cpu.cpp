@@ -121,26 +121,7 @@ torch::Tensor lm_step_cpu(torch::Tensor x, std::vector<torch::Tensor> kv, int64_
         const float* q = row + i * h;
         const float* keys = K + (r * G + g) * S * h;
         const float* values = V + (r * G + g) * S * h;
-        float top = -INFINITY;
-        for (int64_t j = 0; j <= t; ++j) {
-          if (!keep[j]) continue;
-          float dot = 0.0f;
-          for (int64_t e = 0; e < h; ++e) dot += q[e] * keys[j * h + e];
-          s[j] = dot * scale;
-          top = std::max(top, s[j]);
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j <= t; ++j) {
-          s[j] = keep[j] ? std::exp(s[j] - top) : 0.0f;
-          total += s[j];
-        }
-        float* out = A + r * H * h + i * h;
-        std::fill(out, out + h, 0.0f);
-        for (int64_t j = 0; j <= t; ++j) {
-          if (!keep[j]) continue;
-          const float p = s[j] / total;
-          for (int64_t e = 0; e < h; ++e) out[e] += p * values[j * h + e];
-        }
+        attend_one(q, keys, values, keep, t + 1, h, scale, s.data(), A + r * H * h + i * h);
       }
     }
     matmul_bias(branch, attn, w[3], w[4]);
