@@ -184,6 +184,9 @@ def test_short_training_lowers_loss_and_writes_metrics(trained_run):
         assert key in metrics["scalars"]
     assert metrics["scalars"]["chance_shape"] == pytest.approx(1 / 8)
     assert 0.0 <= metrics["scalars"]["zeroshot_shape"] <= 1.0
+    # one validation, at the last step, so best.ckpt is that step: the final eval reads what validation read
+    for f in ("shape", "count"):
+        assert metrics["scalars"][f"zeroshot_{f}"] == pytest.approx(metrics["scalars"][f"val/zeroshot_{f}"])
 
     dm = EvoTokDataModule(cfg, stage="teacher")
     dm.prepare_data()
@@ -215,6 +218,32 @@ def test_reload_from_run_folder_is_deterministic_and_matches_metrics(trained_run
     stored = json.loads(run.metrics.read_text())["scalars"]
     assert acc["shape"] == pytest.approx(stored["zeroshot_shape"])
     assert acc["count"] == pytest.approx(stored["zeroshot_count"])
+
+
+def test_final_eval_of_a_64px_teacher_uses_its_presets_classes(tmp_path):
+    """The end-of-run zero-shot eval classifies over the run's data.preset (12 shapes on evoshapes64), as
+    validation does: with the default preset's 8 shapes, a third of the val images could never be right."""
+    from evotok.data.datamodule import EvoTokDataModule
+    from evotok.lit.train import train
+    from evotok.runs import read_metrics
+
+    cfg = load_config("teacher/tiny64", [
+        f"run.dir={tmp_path / 'runs'}", "run.name=t64", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.train_size=64", "data.val_size=96", "data.test_size=16", "data.batch_size=32",
+        "trainer.max_steps=6", "trainer.val_every_n_steps=6", "trainer.threads=1",
+        "trainer.progress_bar=false", "trainer.log_every_n_steps=2", "optim.warmup_steps=2",
+    ])
+    run = train(cfg, "teacher")
+    scalars = read_metrics(run)["scalars"]
+    assert scalars["chance_shape"] == pytest.approx(1 / 12)
+    assert scalars["zeroshot_shape"] == pytest.approx(scalars["val/zeroshot_shape"])
+    dm = EvoTokDataModule(cfg, stage="teacher")
+    dm.prepare_data()
+    dm.setup("validate")
+    trained = teacher_from_run(run.path).freeze()
+    acc = zero_shot_accuracy(trained, dm.val_dataloader(), preset="evoshapes64")
+    assert scalars["zeroshot_shape"] == pytest.approx(acc["shape"])
+    assert scalars["zeroshot_count"] == pytest.approx(acc["count"])
 
 
 def test_teacher_schedule_comes_from_the_shared_optim_section():

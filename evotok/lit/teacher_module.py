@@ -126,18 +126,20 @@ class TeacherModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- end
     def on_run_finished(self, run: RunDir, trainer) -> dict[str, float]:
         """Zero-shot accuracies of the teacher that ``teacher.run`` loads (best.ckpt, else last.ckpt,
-        else the weights in memory) over the whole val split, into metrics.json."""
+        else the weights in memory) over the whole val split, with the classes and prompts of the run's
+        ``data.preset`` (as validation uses), into metrics.json."""
         from evotok.data import evoshapes
 
+        preset = evoshapes.preset_of(self.cfg.data)
         if run.best_ckpt.is_file() or run.last_ckpt.is_file():
             teacher = teacher_from_run(run.path).freeze().to(self.device)
         else:
             teacher = self.teacher
         dm = trainer.datamodule
         loader = dm.val_dataloader() if dm is not None else trainer.val_dataloaders
-        acc = zero_shot_accuracy(teacher, loader, ZERO_SHOT_FACTORS)
+        acc = zero_shot_accuracy(teacher, loader, ZERO_SHOT_FACTORS, preset=preset)
         scalars = {f"zeroshot_{f}": acc[f] for f in ZERO_SHOT_FACTORS}
-        scalars.update({f"chance_{f}": 1.0 / len(evoshapes.FACTORS[f]) for f in ZERO_SHOT_FACTORS})
+        scalars.update({f"chance_{f}": 1.0 / len(evoshapes.factors(preset)[f]) for f in ZERO_SHOT_FACTORS})
         write_metrics(run, "teacher", trainer.global_step, scalars=scalars)
         print("teacher zero-shot (val): " + ", ".join(f"{f} {acc[f]:.3f}" for f in ZERO_SHOT_FACTORS))
         return scalars
