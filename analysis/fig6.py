@@ -140,6 +140,9 @@ def verdict(runs: Sequence[Mapping[str, Any]], views: Sequence[str] = VIEWS) -> 
                 ok.append(iii["nmi_shift_diff"][0] - iii["nmi_shift_diff"][1] > 0)
             iii["holds"] = bool(all(ok))
         out["views"][view] = {"settings": per, "claim_iii": iii}
+        for (a, b), entries in sorted(settings.items()):  # the curves behind the figures, so results/ can redraw them
+            if f"{a},{b}" in per:
+                per[f"{a},{b}"]["curves"] = {m: seed_curves(entries, view, m) for m in METRICS}
     return out
 
 
@@ -168,12 +171,43 @@ def verdict_table(result: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+METRICS = {"probe": ("probe (acc - chance) / (1 - chance)", (-0.3, 1.05)), "nmi": ("NMI(K-means, factor)", (0.0, 1.05))}
+
+
+def _curve(entry: Mapping[str, Any], view: str, metric: str, factor: str) -> Optional[list]:
+    v = entry["views"].get(view) or {}
+    if metric == "probe":
+        r = (v.get("probe") or {}).get(factor)
+        return None if r is None else r["normalized"]
+    return (v.get("nmi") or {}).get(factor)
+
+
+def seed_curves(entries: Sequence[Mapping[str, Any]], view: str, metric: str = "probe") -> dict[str, dict]:
+    """{factor: {"mean": [per depth], "ci": [95% half-width per depth], "n": seeds}} over ``entries`` (the seeds
+    of one setting) for ``metric`` ``"probe"`` (normalised score) or ``"nmi"``; factors without curves left out."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    out = {}
+    for f in (*SEMANTIC, *LOWLEVEL):
+        curves = [c for c in (_curve(e, view, metric, f) for e in entries) if c is not None]
+        if not curves:
+            continue
+        arr = np.asarray([[np.nan if x is None else x for x in c] for c in curves], dtype=np.float64)
+        stats = [mean_ci95(arr[:, d]) for d in range(arr.shape[1])]
+        out[f] = {"mean": [s[0] for s in stats], "ci": [s[1] for s in stats], "n": len(curves)}
+    return out
+
+
 def plot_seed_curves(runs: Sequence[Mapping[str, Any]], views: Sequence[str] = ("z/mean", "z/fg", "sem/mean"),
-                     title: Optional[str] = None) -> Figure:
-    """Rows: settings; columns: views; one line per factor (normalised probe score over depth, mean over the
-    setting's seeds) with its 95% band (semantic solid, low-level dashed)."""
+                     title: Optional[str] = None, metric: str = "probe") -> Figure:
+    """Rows: settings; columns: views; one line per factor (``metric``: the normalised probe score, or the NMI of
+    the K-means clusters, over depth; mean over the setting's seeds) with its 95% band (semantic solid,
+    low-level dashed)."""
     from matplotlib import colormaps
 
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    ylabel, ylim = METRICS[metric]
     settings: dict[tuple[int, int], list] = {}
     for r in runs:
         settings.setdefault((int(r["lpix"]), int(r["lsem"])), []).append(r)
@@ -185,30 +219,27 @@ def plot_seed_curves(runs: Sequence[Mapping[str, Any]], views: Sequence[str] = (
         for j, view in enumerate(views):
             ax = fig.add_subplot(len(keys), len(views), i * len(views) + j + 1)
             entries = [e for e in settings[key] if view in e["views"]]
-            for k, f in enumerate(factors):
-                curves = [e["views"][view]["probe"][f]["normalized"] for e in entries if f in e["views"][view]["probe"]]
-                if not curves:
-                    continue
-                arr = np.asarray([[np.nan if x is None else x for x in c] for c in curves], dtype=np.float64)
-                stats = [mean_ci95(arr[:, d]) for d in range(arr.shape[1])]
-                m = np.array([s[0] for s in stats])
-                c = np.nan_to_num(np.array([s[1] for s in stats]))
-                x = np.arange(1, arr.shape[1] + 1)
-                ax.plot(x, m, "-" if f in SEMANTIC else "--", color=colors[k], marker="o", markersize=2,
+            for f, c in seed_curves(entries, view, metric).items():
+                color = colors[factors.index(f)]
+                m, ci = np.asarray(c["mean"]), np.nan_to_num(np.asarray(c["ci"]))
+                x = np.arange(1, len(m) + 1)
+                ax.plot(x, m, "-" if f in SEMANTIC else "--", color=color, marker="o", markersize=2,
                         label=f"{f} ({'semantic' if f in SEMANTIC else 'low-level'})")
-                ax.fill_between(x, m - c, m + c, color=colors[k], alpha=0.15, linewidth=0)
+                ax.fill_between(x, m - ci, m + ci, color=color, alpha=0.15, linewidth=0)
             mark_depths(ax, key[0], key[1], label=False)
-            ax.axhline(0.0, color="0.6", linewidth=0.8)
-            ax.set_ylim(-0.3, 1.05)
+            if metric == "probe":
+                ax.axhline(0.0, color="0.6", linewidth=0.8)
+            ax.set_ylim(*ylim)
             ax.set_title(f"Lpix={key[0]}, Lsem={key[1]}: {view} (n={len(entries)})", fontsize=8)
             ax.set_xlabel("depth $l$", fontsize=8)
             if j == 0:
-                ax.set_ylabel("probe (acc - chance) / (1 - chance)", fontsize=7)
+                ax.set_ylabel(ylabel, fontsize=7)
             integer_depth_axis(ax)
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=6, loc="best")
-    fig.suptitle(title or "linear probes per depth: mean and 95% interval over seeds", fontsize=10)
+    what = "linear probes" if metric == "probe" else "NMI of K-means clusters"
+    fig.suptitle(title or f"{what} per depth: mean and 95% interval over seeds", fontsize=10)
     return fig
 
 

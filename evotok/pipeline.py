@@ -88,7 +88,8 @@ def overrides_for(stage: str, overrides: Sequence[str]) -> list[str]:
 
 # keys that change how a run looks, not what it computes
 COSMETIC_KEYS = ("run.name", "run.dir", "run.overwrite", "trainer.progress_bar", "trainer.loggers",
-                 "trainer.log_every_n_steps", "trainer.image_log_every_n_steps")
+                 "trainer.log_every_n_steps", "trainer.image_log_every_n_steps",
+                 "trainer.threads")  # how many CPU threads compute a run is not what it is
 
 
 def upstream_fingerprints(cfg, stage: str) -> dict[str, str]:

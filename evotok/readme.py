@@ -292,7 +292,7 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
         out.append(results / f"fig6_{name}.json")
         shutil.copy(folder / "fig6.json", out[-1])
     figures = figures or REPO_ROOT / "docs" / "figures"
-    for stem in ("depth_curves", "fig6_probes"):
+    for stem in ("depth_curves", "fig6_probes", "fig6_nmi"):
         if (folder / f"{stem}.png").is_file():
             out.append(figures / f"sweep_{name}_{stem}.png")
             shutil.copy(folder / f"{stem}.png", out[-1])
@@ -302,6 +302,8 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "sweep_lpix_lsem_demo": lambda r: render_sweep(r, "lpix_lsem_demo"),
     "fig6_lpix_lsem_demo": lambda r: render_fig6(r, "lpix_lsem_demo"),
+    "sweep_lpix_lsem64": lambda r: render_sweep(r, "lpix_lsem64"),
+    "fig6_lpix_lsem64": lambda r: render_fig6(r, "lpix_lsem64"),
     "bench_data": render_bench_data,
     "bench_quantizer": render_bench_quantizer,
     "teacher_tiny": render_teacher,

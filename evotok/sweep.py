@@ -398,6 +398,9 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
         (folder / "fig6.md").write_text(fig6 + "\n")
         save_figure(plot_seed_curves(entries, title=f"sweep {name}: linear probes per depth, mean and 95% interval "
                                                     "over seeds"), folder, "fig6_probes", formats=("png",))
+        save_figure(plot_seed_curves(entries, title=f"sweep {name}: NMI of K-means clusters per depth, mean and 95% "
+                                                    "interval over seeds", metric="nmi"), folder, "fig6_nmi",
+                    formats=("png",))
     figure = None
     if curves:
         from analysis.depth_curves import plot_depth_curves
@@ -422,7 +425,8 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
     if fig6:
         parts.append("<h2>Does the trajectory evolve? (Fig. 6 claims, analysis/fig6.py)</h2>"
                      "<p><a href='fig6.json'>fig6.json</a> <a href='fig6.md'>fig6.md</a></p>"
-                     "<img src='fig6_probes.png' alt='probes per depth over seeds'>")
+                     "<img src='fig6_probes.png' alt='probes per depth over seeds'>"
+                     "<img src='fig6_nmi.png' alt='NMI per depth over seeds'>")
     parts.append("<h2>Runs</h2><table><tr><th>run</th><th>pipeline report</th><th>run folders</th></tr>")
     for r in rows:
         for pname, paths in r["runs"].items():

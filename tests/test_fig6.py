@@ -63,6 +63,19 @@ def test_features_that_carry_nothing_report_no_gain_within_the_interval():
     fig = plot_seed_curves([_entry(4, 16, s, 0.7) for s in range(3)], views=("z/mean",))
     lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "shape (semantic)"]
     assert len(lines) == 1 and lines[0].get_ydata()[-1] == pytest.approx(0.8, abs=0.05)
+    # the NMI curves over seeds: colour leads at depth 1, shape at Lsem (the entries' K-means crossover)
+    evolving = [_entry(4, 16, s, 0.7) for s in range(3)]
+    fig = plot_seed_curves(evolving, views=("z/mean",), metric="nmi")
+    ys = {ln.get_label(): ln.get_ydata() for ln in fig.axes[0].get_lines()}
+    assert ys["color (low-level)"][0] == pytest.approx(0.555, abs=0.02) and ys["color (low-level)"][-1] < 0.1
+    assert ys["shape (semantic)"][-1] == pytest.approx(0.655, abs=0.02) and ys["shape (semantic)"][0] < 0.1
+    # and the verdict keeps those curves (mean, 95% half-width per depth), so results/ can redraw the figures
+    curves = verdict(evolving, views=("z/mean",))["views"]["z/mean"]["settings"]["4,16"]["curves"]
+    assert curves["nmi"]["shape"]["n"] == 3 and len(curves["nmi"]["shape"]["mean"]) == 16
+    np.testing.assert_allclose(curves["nmi"]["shape"]["mean"], ys["shape (semantic)"])
+    assert curves["probe"]["shape"]["mean"][-1] == pytest.approx(0.8, abs=0.05)
+    with pytest.raises(ValueError, match="metric"):
+        plot_seed_curves(evolving, metric="acc")
 
 
 def test_intervals():

@@ -37,6 +37,18 @@ def test_hand_over_and_global_overrides_follow_the_registry(tmp_path):
         run_pipeline("tiny", ["mllm.phase=2"])  # (tiny: teacher and tokenizer only)
 
 
+def test_identity_ignores_cosmetic_keys_and_follows_the_rest():
+    from evotok.pipeline import stage_identity
+
+    def ident(*overrides):
+        return stage_identity(load_config("teacher/tiny", list(overrides), stage="teacher"), "teacher")
+
+    base = ident()
+    # the run's name and the CPU threads that compute it (a sweep runs points at 1 thread side by side) do not count
+    assert ident("run.name=other", "trainer.threads=1", "trainer.progress_bar=false") == base
+    assert ident("trainer.max_steps=7") != base and ident("data.batch_size=8") != base
+
+
 def test_unknown_pipeline_names_the_known_ones():
     with pytest.raises(ConfigError, match="demo"):
         load_pipeline("demoo")
