@@ -308,6 +308,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "bench_quantizer": render_bench_quantizer,
     "teacher_tiny": render_teacher,
     "tokenizer_evotok_tiny": lambda r: render_tokenizer(r, "tokenizer_evotok_tiny"),
+    "tokenizer_evotok_tiny64": lambda r: render_tokenizer(r, "tokenizer_evotok_tiny64"),
     "nmi_evotok_tiny": render_nmi,
     "lm_tiny": render_lm,
     "understanding_tiny": render_understanding,
