@@ -171,7 +171,15 @@ def verdict_table(result: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-METRICS = {"probe": ("probe (acc - chance) / (1 - chance)", (-0.3, 1.05)), "nmi": ("NMI(K-means, factor)", (0.0, 1.05))}
+# metric -> (y label, y limits, what the figure shows)
+METRICS = {"probe": ("probe (acc - chance) / (1 - chance)", (-0.3, 1.05), "linear probes"),
+           "nmi": ("NMI(K-means, factor)", (0.0, 1.05), "NMI of K-means clusters")}
+
+
+def _metric(metric: str) -> tuple[str, tuple[float, float], str]:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    return METRICS[metric]
 
 
 def _curve(entry: Mapping[str, Any], view: str, metric: str, factor: str) -> Optional[list]:
@@ -185,8 +193,7 @@ def _curve(entry: Mapping[str, Any], view: str, metric: str, factor: str) -> Opt
 def seed_curves(entries: Sequence[Mapping[str, Any]], view: str, metric: str = "probe") -> dict[str, dict]:
     """{factor: {"mean": [per depth], "ci": [95% half-width per depth], "n": seeds}} over ``entries`` (the seeds
     of one setting) for ``metric`` ``"probe"`` (normalised score) or ``"nmi"``; factors without curves left out."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    _metric(metric)
     out = {}
     for f in (*SEMANTIC, *LOWLEVEL):
         curves = [c for c in (_curve(e, view, metric, f) for e in entries) if c is not None]
@@ -205,9 +212,7 @@ def plot_seed_curves(runs: Sequence[Mapping[str, Any]], views: Sequence[str] = (
     low-level dashed)."""
     from matplotlib import colormaps
 
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
-    ylabel, ylim = METRICS[metric]
+    ylabel, ylim, what = _metric(metric)
     settings: dict[tuple[int, int], list] = {}
     for r in runs:
         settings.setdefault((int(r["lpix"]), int(r["lsem"])), []).append(r)
@@ -238,7 +243,6 @@ def plot_seed_curves(runs: Sequence[Mapping[str, Any]], views: Sequence[str] = (
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=6, loc="best")
-    what = "linear probes" if metric == "probe" else "NMI of K-means clusters"
     fig.suptitle(title or f"{what} per depth: mean and 95% interval over seeds", fontsize=10)
     return fig
 
