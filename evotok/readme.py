@@ -4,6 +4,7 @@
     python -m evotok.readme --check    # exit 1 if a block disagrees with results/
     python -m evotok.readme record NAME RUN_DIR   # copy a run's metrics.json into results/NAME.json
     python -m evotok.readme record-sweep NAME     # a collected sweep's table, Fig. 6 verdict and figures
+    python -m evotok.readme record-sweep NAME --merge   # ... adding to an earlier recording's runs
 
 A block in README.md looks like ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->``; NAME selects a
 renderer below, which reads results/<file>.json. tests/test_readme.py checks that they agree.
@@ -260,7 +261,13 @@ def render_sweep(results: Path, name: str) -> str:
         key = (int(r["values"]["model.lpix"]), int(r["values"]["model.lsem"]))
         out.append(f"| {key[0]}, {key[1]} | " + " | ".join(format_cell(r["metrics"].get(c)) for c in cols)
                    + f" | {PAPER_ABLATION.get(key, '')} |")
-    return "\n".join(out) + f"\n\nSweep `{name}`, recorded {data.get('date', '?')} at commit {data.get('git_sha', '?')}.\n"
+    parts = data.get("recordings") or [{"date": data.get("date", "?"), "git_sha": data.get("git_sha", "?")}]
+    if len(parts) == 1:
+        when = f"recorded {parts[0]['date']} at commit {parts[0]['git_sha']}"
+    else:
+        when = f"recorded in {len(parts)} parts: " + "; ".join(
+            f"{p['date']} at commit {p['git_sha']} ({len(p.get('runs', []))} runs)" for p in parts)
+    return "\n".join(out) + f"\n\nSweep `{name}`, {when}.\n"
 
 
 def render_fig6(results: Path, name: str) -> str:
@@ -272,9 +279,47 @@ def render_fig6(results: Path, name: str) -> str:
     return verdict_table(data) + "\n"
 
 
-def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figures: Optional[Path] = None) -> list[Path]:
+def merge_sweep_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of ``new`` plus the values of the point runs that only ``old`` has: per metric the union by
+    point run (a run in both keeps its ``new`` value), in the sweep's run order, with means and intervals
+    recomputed; likewise the per-run ``curves``. How a sweep too long for one sitting is recorded in parts."""
+    from evotok.sweep import mean_ci95
+
+    before = {r["point"]: r for r in old}
+    rows = []
+    for row in new:
+        prev = before.get(row["point"], {})
+        order = list(row["runs"])
+        merged = {**row, "metrics": {}, "curves": {**prev.get("curves", {}), **row.get("curves", {})}}
+        for col in dict.fromkeys([*prev.get("metrics", {}), *row["metrics"]]):
+            by_run: dict[str, float] = {}
+            for cell in (prev.get("metrics", {}).get(col), row["metrics"].get(col)):
+                if not cell:
+                    continue
+                if cell["values"] and "runs" not in cell:
+                    raise ValueError(f"metric {col!r} of point {row['point']!r} was recorded without the runs its "
+                                     "values came from; re-record that sweep without --merge")
+                by_run.update(zip(cell.get("runs", []), cell["values"]))
+            runs = [r for r in order if r in by_run]
+            cell = {"values": [by_run[r] for r in runs], "runs": runs,
+                    "expected": (row["metrics"].get(col) or prev["metrics"][col])["expected"]}
+            if cell["values"]:
+                cell["mean"], cell["ci95"] = mean_ci95(cell["values"])
+            merged["metrics"][col] = cell
+        rows.append(merged)
+    return rows
+
+
+def _recorded_runs(rows: list[dict]) -> list[str]:
+    return sorted({run for r in rows for cell in r["metrics"].values() for run in cell.get("runs", [])})
+
+
+def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figures: Optional[Path] = None,
+                 merge: bool = False) -> list[Path]:
     """Copy a collected sweep's report (``evotok sweep --spec NAME --collect``) into results/sweep_NAME.json and
-    results/fig6_NAME.json, and its figures into docs/figures/."""
+    results/fig6_NAME.json, and its figures into docs/figures/. ``merge=True`` keeps the values of runs that an
+    earlier recording has and this collect lacks (:func:`merge_sweep_rows`) and redraws the depth curves from
+    the merged per-run curves; the Fig. 6 files are then written only when this collect holds every run."""
     import datetime
     import subprocess
 
@@ -284,15 +329,43 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
     if not (folder / "results.json").is_file():
         raise FileNotFoundError(f"{folder / 'results.json'}: run `evotok sweep --spec {name} --collect` first")
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
+    today = datetime.date.today().isoformat()
+    rows = json.loads((folder / "results.json").read_text())
+    this = {"date": today, "git_sha": sha or None, "runs": _recorded_runs(rows)}
+    recordings = [this]
+    out_json = results / f"sweep_{name}.json"
+    if merge and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        rows = merge_sweep_rows(old["rows"], rows)
+        recordings = [*old.get("recordings", [{"date": old.get("date"), "git_sha": old.get("git_sha"),
+                                               "runs": _recorded_runs(old["rows"])}]), this]
+    complete = set(this["runs"]) >= set(_recorded_runs(rows))
     results.mkdir(exist_ok=True)
-    out = [results / f"sweep_{name}.json"]
-    out[0].write_text(json.dumps({"sweep": name, "date": datetime.date.today().isoformat(), "git_sha": sha or None,
-                                  "rows": json.loads((folder / "results.json").read_text())}, indent=1) + "\n")
+    out = [out_json]
+    out_json.write_text(json.dumps({"sweep": name, "date": today, "git_sha": sha or None, "recordings": recordings,
+                                    "rows": rows}, indent=1) + "\n")
     if (folder / "fig6.json").is_file():
-        out.append(results / f"fig6_{name}.json")
-        shutil.copy(folder / "fig6.json", out[-1])
+        if complete:
+            out.append(results / f"fig6_{name}.json")
+            shutil.copy(folder / "fig6.json", out[-1])
+        else:
+            print(f"fig6_{name}.json not recorded: this collect holds {len(this['runs'])} of the "
+                  f"{len(_recorded_runs(rows))} runs recorded", file=sys.stderr)
     figures = figures or REPO_ROOT / "docs" / "figures"
-    for stem in ("depth_curves", "fig6_probes", "fig6_nmi"):
+    stems = ["depth_curves"] + (["fig6_probes", "fig6_nmi"] if complete else [])
+    curves = {run: c for r in rows for run, c in r.get("curves", {}).items()}
+    if merge and curves:  # the merged runs' curves, not only this collect's
+        from analysis.depth_curves import plot_depth_curves
+        from analysis.plotting import save_figure
+
+        if set(curves) != set(_recorded_runs(rows)):
+            print(f"depth curves: {len(curves)} of the {len(_recorded_runs(rows))} recorded runs have per-depth "
+                  "curves (the others were recorded without them)", file=sys.stderr)
+        save_figure(plot_depth_curves(list(curves.values()), title=f"sweep {name}: per-depth metrics, mean and "
+                                      "min-max over seeds"), figures, f"sweep_{name}_depth_curves", formats=("png",))
+        out.append(figures / f"sweep_{name}_depth_curves.png")
+        stems.remove("depth_curves")
+    for stem in stems:
         if (folder / f"{stem}.png").is_file():
             out.append(figures / f"sweep_{name}_{stem}.png")
             shutil.copy(folder / f"{stem}.png", out[-1])
@@ -375,11 +448,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("action", nargs="?", default="write", choices=("write", "record", "record-file", "record-sweep"))
     parser.add_argument("args", nargs="*")
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="record-sweep: keep an earlier recording's runs that this collect lacks")
     args = parser.parse_args(argv)
     if args.action == "record":
         print(record(args.args[0], Path(args.args[1])))
-    if args.action == "record-sweep":  # NAME [key=value ...]: a collected sweep's report
-        for path in record_sweep(args.args[0], args.args[1:]):
+    if args.action == "record-sweep":  # NAME [key=value ...] [--merge]: a collected sweep's report
+        for path in record_sweep(args.args[0], args.args[1:], merge=args.merge):
             print(path)
     if args.action == "record-file":  # copy any JSON a command wrote (e.g. a figures folder's nmi.json)
         RESULTS.mkdir(exist_ok=True)

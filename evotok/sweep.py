@@ -299,7 +299,8 @@ def _stage_path(spec: dict, point: SweepPoint, stage: str, overrides: Sequence[s
 
 def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
     """One row per grid point: each metric's mean and 95% interval over the seeds that finished, with how
-    many of the seeds did (unfinished ones are counted, never guessed), and the run folders it read."""
+    many of the seeds did (unfinished ones are counted, never guessed), the point run each value came from
+    (``runs``, parallel to ``values``) and the run folders it read."""
     spec = load_sweep(name)
     points = expand(name, overrides)
     rows: dict[str, dict] = {}
@@ -313,10 +314,11 @@ def collect(name: str, overrides: Sequence[str] = ()) -> list[dict]:
             if paths[stage] is None:
                 continue
             v = _read_metric(paths[stage], how)  # type: ignore[arg-type]
-            cell = row["metrics"].setdefault(col, {"values": [], "expected": 0})
+            cell = row["metrics"].setdefault(col, {"values": [], "runs": [], "expected": 0})
             cell["expected"] += 1
             if v is not None:
                 cell["values"].append(v)
+                cell["runs"].append(p.name)
         row["runs"][p.name] = {st: str(path) for st, path in paths.items() if path is not None}
         row["runs"][p.name]["pipeline"] = p.spec["run_name"]
     for row in rows.values():
@@ -360,10 +362,10 @@ def sweep_folder(name: str, overrides: Sequence[str] = ()) -> Path:
 
 
 def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
-    """``--collect``'s report in ``<run.dir>/sweeps/<name>/``: ``results.json`` (the rows of :func:`collect`),
-    ``ablation.md``, ``depth_curves.png`` (the finished tokenizer runs' per-depth curves overlaid, mean and
-    min-max band over seeds) and ``index.html`` linking them and each point's pipeline report and run folders.
-    Returns the index."""
+    """``--collect``'s report in ``<run.dir>/sweeps/<name>/``: ``results.json`` (the rows of :func:`collect`
+    with each finished tokenizer run's per-depth ``curves``), ``ablation.md``, ``depth_curves.png`` (those
+    curves overlaid, mean and min-max band over seeds) and ``index.html`` linking them and each point's
+    pipeline report and run folders. Returns the index."""
     import html
     import os
 
@@ -372,7 +374,6 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
     rows = collect(name, overrides)
     folder = sweep_folder(name, overrides)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = table_markdown(rows)
     (folder / "ablation.md").write_text(table + "\n")
     curves = []
@@ -381,8 +382,10 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
             tok = Path(paths.get("tokenizer", ""))
             if paths.get("tokenizer") and RunDir(tok).finished and (tok / "metrics.json").is_file():
                 cfg = RunDir(tok).load_config()
-                curves.append({**json.loads((tok / "metrics.json").read_text()), "lpix": int(cfg.model.lpix),
-                               "lsem": int(cfg.model.lsem)})
+                curve = {"per_depth": json.loads((tok / "metrics.json").read_text()).get("per_depth", {}),
+                         "lpix": int(cfg.model.lpix), "lsem": int(cfg.model.lsem)}
+                r.setdefault("curves", {})[pname] = curve  # kept in results.json: a record can redraw the figure
+                curves.append(curve)
     probe_files = [Path(p["tokenizer"]) / "figures" / "probes.json" for r in rows for p in r["runs"].values()
                    if p.get("tokenizer") and RunDir(Path(p["tokenizer"])).finished]
     probe_files = [p for p in probe_files if p.is_file()]
@@ -409,6 +412,7 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
         save_figure(plot_depth_curves(curves, title=f"sweep {name}: per-depth metrics, mean and min-max over seeds"),
                     folder, "depth_curves", formats=("png",))
         figure = "depth_curves.png"
+    (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     e = html.escape
     cols = _columns(rows)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sweep {e(name)}</title>",

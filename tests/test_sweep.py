@@ -125,3 +125,43 @@ def test_slurm_executor_with_submitits_debug_backend_submits_and_collects(tmp_pa
     text = scripts[1].read_text()
     assert "#SBATCH --array=0-1" in text and "#SBATCH --gpus-per-node=2" in text and "#SBATCH --partition=gpu" in text
     assert text.count("srun evotok pipeline --spec") == 2 and text.count("--only tokenizer") == 2
+
+
+def test_record_sweep_in_parts_merges_runs_by_name(tmp_path):
+    """A sweep too long for one sitting: each part's collect is recorded with --merge; the table holds every
+    run recorded so far (a re-run run keeps its newest value), the curves figure all of their curves."""
+    from evotok.readme import merge_sweep_rows, record_sweep, render_sweep
+    from evotok.sweep import write_sweep_report
+
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    first, second = tmp_path / "a", tmp_path / "b"
+    _fake_tokenizer_run(first, "lpix_lsem_lpix16_lsem4_s0", 16, 4, 25.0)
+    _fake_tokenizer_run(first, "lpix_lsem_lpix16_lsem4_s1", 16, 4, 27.0)
+    write_sweep_report("lpix_lsem", [f"run.dir={first}"])
+    record_sweep("lpix_lsem", [f"run.dir={first}"], results, figures, merge=True)  # nothing earlier: a plain record
+    _fake_tokenizer_run(second, "lpix_lsem_lpix16_lsem4_s1", 16, 4, 28.0)  # re-run: the newer value counts
+    _fake_tokenizer_run(second, "lpix_lsem_lpix16_lsem4_s2", 16, 4, 30.0)
+    _fake_tokenizer_run(second, "lpix_lsem_lpix4_lsem4_s0", 4, 4, 21.0)
+    write_sweep_report("lpix_lsem", [f"run.dir={second}"])
+    written = record_sweep("lpix_lsem", [f"run.dir={second}"], results, figures, merge=True)
+    data = json.loads((results / "sweep_lpix_lsem.json").read_text())
+    rows = {r["point"]: r for r in data["rows"]}
+    cell = rows["model.lpix=16, model.lsem=4"]["metrics"]["PSNR@Lpix"]
+    assert cell["runs"] == ["lpix16_lsem4_s0", "lpix16_lsem4_s1", "lpix16_lsem4_s2"]
+    assert cell["values"] == [25.0, 28.0, 30.0] and cell["expected"] == 3
+    assert cell["mean"] == pytest.approx(83.0 / 3) and cell["ci95"] == pytest.approx(mean_ci95([25.0, 28.0, 30.0])[1])
+    assert rows["model.lpix=4, model.lsem=4"]["metrics"]["PSNR@Lpix"]["values"] == [21.0]
+    assert len(rows["model.lpix=16, model.lsem=4"]["curves"]) == 3
+    assert [len(p["runs"]) for p in data["recordings"]] == [2, 3]
+    assert figures / "sweep_lpix_lsem_depth_curves.png" in written and (figures / "sweep_lpix_lsem_depth_curves.png").is_file()
+    table = render_sweep(results, "lpix_lsem")
+    assert "27.67 ± 6.3 (3/3)" in table and "recorded in 2 parts" in table and "(3 runs)" in table
+    # without --merge a record replaces the earlier one
+    record_sweep("lpix_lsem", [f"run.dir={second}"], results, figures)
+    cell = {r["point"]: r for r in json.loads((results / "sweep_lpix_lsem.json").read_text())["rows"]}[
+        "model.lpix=16, model.lsem=4"]["metrics"]["PSNR@Lpix"]
+    assert cell["values"] == [28.0, 30.0]
+    # a recording whose values do not name their runs cannot be merged, and says so
+    legacy = [{"point": "p", "runs": {"a": {}}, "metrics": {"PSNR@Lpix": {"values": [1.0], "expected": 1}}}]
+    with pytest.raises(ValueError, match="without the runs"):
+        merge_sweep_rows(legacy, [{"point": "p", "runs": {"a": {}}, "metrics": {}}])
