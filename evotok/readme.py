@@ -267,6 +267,9 @@ def render_sweep(results: Path, name: str) -> str:
     else:
         when = f"recorded in {len(parts)} parts: " + "; ".join(
             f"{p['date']} at commit {p['git_sha']} ({len(p.get('runs', []))} runs)" for p in parts)
+        teachers = {f for p in parts for f in p.get("upstream", {}).get("teacher.run", [])}
+        if len(teachers) > 1:
+            when += f"; the parts read {len(teachers)} different teacher checkpoints (each part trained the shared teacher)"
     return "\n".join(out) + f"\n\nSweep `{name}`, {when}.\n"
 
 
@@ -314,6 +317,21 @@ def _recorded_runs(rows: list[dict]) -> list[str]:
     return sorted({run for r in rows for cell in r["metrics"].values() for run in cell.get("runs", [])})
 
 
+def _upstreams(rows: list[dict]) -> dict[str, list[str]]:
+    """Hand-over key -> the distinct upstream fingerprints the recorded runs' stages read (provenance.json):
+    whether the parts of a sweep recorded in parts share their teacher."""
+    out: dict[str, set] = {}
+    recorded = set(_recorded_runs(rows))
+    for r in rows:
+        for run, paths in r["runs"].items():
+            for stage, path in paths.items():
+                prov = Path(path) / "provenance.json"
+                if run in recorded and stage != "pipeline" and prov.is_file():
+                    for key, up in json.loads(prov.read_text()).get("upstream", {}).items():
+                        out.setdefault(key, set()).add(up.get("fingerprint"))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figures: Optional[Path] = None,
                  merge: bool = False) -> list[Path]:
     """Copy a collected sweep's report (``evotok sweep --spec NAME --collect``) into results/sweep_NAME.json and
@@ -331,7 +349,7 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT).stdout.strip()
     today = datetime.date.today().isoformat()
     rows = json.loads((folder / "results.json").read_text())
-    this = {"date": today, "git_sha": sha or None, "runs": _recorded_runs(rows)}
+    this = {"date": today, "git_sha": sha or None, "runs": _recorded_runs(rows), "upstream": _upstreams(rows)}
     recordings = [this]
     out_json = results / f"sweep_{name}.json"
     if merge and out_json.is_file():

@@ -137,11 +137,15 @@ def test_record_sweep_in_parts_merges_runs_by_name(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     _fake_tokenizer_run(first, "lpix_lsem_lpix16_lsem4_s0", 16, 4, 25.0)
     _fake_tokenizer_run(first, "lpix_lsem_lpix16_lsem4_s1", 16, 4, 27.0)
+    for run in (first / "tokenizer").iterdir():  # each part trained its own shared teacher
+        (run / "provenance.json").write_text(json.dumps({"upstream": {"teacher.run": {"fingerprint": "sha256:a"}}}))
     write_sweep_report("lpix_lsem", [f"run.dir={first}"])
     record_sweep("lpix_lsem", [f"run.dir={first}"], results, figures, merge=True)  # nothing earlier: a plain record
     _fake_tokenizer_run(second, "lpix_lsem_lpix16_lsem4_s1", 16, 4, 28.0)  # re-run: the newer value counts
     _fake_tokenizer_run(second, "lpix_lsem_lpix16_lsem4_s2", 16, 4, 30.0)
     _fake_tokenizer_run(second, "lpix_lsem_lpix4_lsem4_s0", 4, 4, 21.0)
+    for run in (second / "tokenizer").iterdir():
+        (run / "provenance.json").write_text(json.dumps({"upstream": {"teacher.run": {"fingerprint": "sha256:b"}}}))
     write_sweep_report("lpix_lsem", [f"run.dir={second}"])
     written = record_sweep("lpix_lsem", [f"run.dir={second}"], results, figures, merge=True)
     data = json.loads((results / "sweep_lpix_lsem.json").read_text())
@@ -153,9 +157,11 @@ def test_record_sweep_in_parts_merges_runs_by_name(tmp_path):
     assert rows["model.lpix=4, model.lsem=4"]["metrics"]["PSNR@Lpix"]["values"] == [21.0]
     assert len(rows["model.lpix=16, model.lsem=4"]["curves"]) == 3
     assert [len(p["runs"]) for p in data["recordings"]] == [2, 3]
+    assert [p["upstream"] for p in data["recordings"]] == [{"teacher.run": ["sha256:a"]}, {"teacher.run": ["sha256:b"]}]
     assert figures / "sweep_lpix_lsem_depth_curves.png" in written and (figures / "sweep_lpix_lsem_depth_curves.png").is_file()
     table = render_sweep(results, "lpix_lsem")
     assert "27.67 ± 6.3 (3/3)" in table and "recorded in 2 parts" in table and "(3 runs)" in table
+    assert "2 different teacher checkpoints" in table
     # without --merge a record replaces the earlier one
     record_sweep("lpix_lsem", [f"run.dir={second}"], results, figures)
     cell = {r["point"]: r for r in json.loads((results / "sweep_lpix_lsem.json").read_text())["rows"]}[
