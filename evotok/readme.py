@@ -391,10 +391,6 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
-    "sweep_lpix_lsem_demo": lambda r: render_sweep(r, "lpix_lsem_demo"),
-    "fig6_lpix_lsem_demo": lambda r: render_fig6(r, "lpix_lsem_demo"),
-    "sweep_lpix_lsem64": lambda r: render_sweep(r, "lpix_lsem64"),
-    "fig6_lpix_lsem64": lambda r: render_fig6(r, "lpix_lsem64"),
     "bench_data": render_bench_data,
     "bench_quantizer": render_bench_quantizer,
     "teacher_tiny": render_teacher,
@@ -409,12 +405,22 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
 }
 
 
+# blocks named after a recorded sweep: ``sweep_NAME`` (its ablation table), ``fig6_NAME`` (its Fig. 6 verdict)
+PREFIX_RENDERERS: dict[str, Callable[[Path, str], str]] = {"sweep_": render_sweep, "fig6_": render_fig6}
+
+
+def renderer(name: str) -> Callable[[Path], str]:
+    if name in RENDERERS:
+        return RENDERERS[name]
+    for prefix, fn in PREFIX_RENDERERS.items():
+        if name.startswith(prefix) and name != prefix:
+            return lambda results: fn(results, name[len(prefix):])
+    raise KeyError(f"README block '{name}' has no renderer in evotok/readme.py")
+
+
 def render_readme(text: str, results: Path = RESULTS) -> str:
     def sub(m: re.Match) -> str:
-        name = m.group("name")
-        if name not in RENDERERS:
-            raise KeyError(f"README block '{name}' has no renderer in evotok/readme.py")
-        return m.group(1) + RENDERERS[name](results) + m.group(4)
+        return m.group(1) + renderer(m.group("name"))(results) + m.group(4)
 
     return BLOCK.sub(sub, text)
 
