@@ -29,7 +29,7 @@ reproduce: $(STAMP)
 	$(VENV)/bin/evotok pipeline mllm_tiny
 	$(VENV)/bin/evotok sweep --spec lpix_lsem
 	$(VENV)/bin/evotok sweep --spec lpix_lsem --collect
-	$(PY) -m evotok.readme
+	$(PY) -m evotok.readme record-sweep lpix_lsem
 
 test: $(STAMP)
 	$(PY) -m pytest -q
