@@ -357,7 +357,8 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
         rows = merge_sweep_rows(old["rows"], rows)
         recordings = [*old.get("recordings", [{"date": old.get("date"), "git_sha": old.get("git_sha"),
                                                "runs": _recorded_runs(old["rows"])}]), this]
-    complete = set(this["runs"]) >= set(_recorded_runs(rows))
+    recorded = _recorded_runs(rows)
+    complete = set(this["runs"]) >= set(recorded)
     results.mkdir(exist_ok=True)
     out = [out_json]
     out_json.write_text(json.dumps({"sweep": name, "date": today, "git_sha": sha or None, "recordings": recordings,
@@ -368,20 +369,17 @@ def record_sweep(name: str, overrides: list[str], results: Path = RESULTS, figur
             shutil.copy(folder / "fig6.json", out[-1])
         else:
             print(f"fig6_{name}.json not recorded: this collect holds {len(this['runs'])} of the "
-                  f"{len(_recorded_runs(rows))} runs recorded", file=sys.stderr)
+                  f"{len(recorded)} runs recorded", file=sys.stderr)
     figures = figures or REPO_ROOT / "docs" / "figures"
     stems = ["depth_curves"] + (["fig6_probes", "fig6_nmi"] if complete else [])
     curves = {run: c for r in rows for run, c in r.get("curves", {}).items()}
     if merge and curves:  # the merged runs' curves, not only this collect's
-        from analysis.depth_curves import plot_depth_curves
-        from analysis.plotting import save_figure
+        from evotok.sweep import save_depth_curves
 
-        if set(curves) != set(_recorded_runs(rows)):
-            print(f"depth curves: {len(curves)} of the {len(_recorded_runs(rows))} recorded runs have per-depth "
-                  "curves (the others were recorded without them)", file=sys.stderr)
-        save_figure(plot_depth_curves(list(curves.values()), title=f"sweep {name}: per-depth metrics, mean and "
-                                      "min-max over seeds"), figures, f"sweep_{name}_depth_curves", formats=("png",))
-        out.append(figures / f"sweep_{name}_depth_curves.png")
+        if set(curves) != set(recorded):
+            print(f"depth curves: {len(curves)} of the {len(recorded)} recorded runs have per-depth curves (the "
+                  "others were recorded without them)", file=sys.stderr)
+        out.append(save_depth_curves(list(curves.values()), name, figures, f"sweep_{name}_depth_curves"))
         stems.remove("depth_curves")
     for stem in stems:
         if (folder / f"{stem}.png").is_file():

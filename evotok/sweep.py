@@ -361,6 +361,16 @@ def sweep_folder(name: str, overrides: Sequence[str] = ()) -> Path:
     return Path(run_dir) / "sweeps" / spec["name"]
 
 
+def save_depth_curves(curves: Sequence[dict], name: str, folder: Path, stem: str) -> Path:
+    """The per-depth curves of a sweep's tokenizer runs overlaid (mean and min-max band over seeds), as
+    ``<folder>/<stem>.png``."""
+    from analysis.depth_curves import plot_depth_curves
+    from analysis.plotting import save_figure
+
+    fig = plot_depth_curves(curves, title=f"sweep {name}: per-depth metrics, mean and min-max over seeds")
+    return save_figure(fig, folder, stem, formats=("png",))[0]
+
+
 def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
     """``--collect``'s report in ``<run.dir>/sweeps/<name>/``: ``results.json`` (the rows of :func:`collect`
     with each finished tokenizer run's per-depth ``curves``), ``ablation.md``, ``depth_curves.png`` (those
@@ -406,11 +416,7 @@ def write_sweep_report(name: str, overrides: Sequence[str] = ()) -> Path:
                     formats=("png",))
     figure = None
     if curves:
-        from analysis.depth_curves import plot_depth_curves
-        from analysis.plotting import save_figure
-
-        save_figure(plot_depth_curves(curves, title=f"sweep {name}: per-depth metrics, mean and min-max over seeds"),
-                    folder, "depth_curves", formats=("png",))
+        save_depth_curves(curves, name, folder, "depth_curves")
         figure = "depth_curves.png"
     (folder / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     e = html.escape
