@@ -234,6 +234,21 @@ def test_builds_from_two_checkouts_name_the_same_source_files(tmp_path, monkeypa
     assert (folder / "src" / "rvq_cpu.cpp").read_text() == "int f() { return 2; }\n"
 
 
+
+def test_build_cache_entry_moves_with_the_virtual_environment(monkeypatch):
+    """Two virtual environments name different torch folders on the compile line; sharing one cache entry made
+    ninja rebuild it for each in turn, so the folders are part of the entry's hash."""
+    from torch.utils import cpp_extension
+
+    here = build.build_dir("cpu")
+    assert build.build_dir("cpu") == here  # stable within one environment
+    real = cpp_extension.include_paths
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: ["/elsewhere/venv/torch/include"])
+    assert build.build_dir("cpu") != here
+    monkeypatch.setattr(cpp_extension, "include_paths", real)
+    monkeypatch.setattr(cpp_extension, "library_paths", lambda *a, **k: ["/elsewhere/venv/torch/lib"])
+    assert build.build_dir("cpu") != here
+
 # ------------------------------------------------------------------------------------------- memory
 
 _MEM_SCRIPT = r"""

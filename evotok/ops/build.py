@@ -7,7 +7,9 @@ emits ONE warning naming the reason and is remembered, so callers fall back to t
 The build folder is ``<cache_root>/<name>-<hash>`` with ``cache_root`` = ``~/.cache/evotok/ext`` by
 default. The hash covers the sources, the compiler flags, the torch version and, for the CPU build
 (``-march=native``), the host CPU's model and flags, so a shared home folder never hands one machine's
-binary to another.
+binary to another. It also covers the paths the compile and link lines name (torch's include and library
+folders, Python's headers): ninja rebuilds whenever its command line changes, so two virtual environments (a
+clean clone's and the working checkout's) sharing one entry rebuilt it for each other, a minute each time.
 """
 
 from __future__ import annotations
@@ -48,6 +50,22 @@ def _cpu_signature() -> str:
     return sig
 
 
+def _toolchain_paths(kind: str) -> str:
+    """The folders the build's command lines name, which move with the virtual environment."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    device = "cpu" if kind == "cpu" else "cuda"
+    paths = [sysconfig.get_paths().get("include", "")]
+    for find in (cpp_extension.include_paths, cpp_extension.library_paths):
+        try:
+            paths += find(device)
+        except Exception:  # no CUDA toolkit: the build itself says so; torch's own folders still count
+            paths += find("cpu")
+    return "\n".join(paths)
+
+
 def source_hash(kind: str) -> str:
     """Hash of everything that determines the binary of ``kind`` ('cpu' or 'cuda')."""
     import torch
@@ -59,6 +77,7 @@ def source_hash(kind: str) -> str:
         h.update((CSRC / name).read_bytes())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
+    h.update(_toolchain_paths(kind).encode())
     if kind == "cpu":
         h.update(" ".join(CPU_CFLAGS + CPU_LDFLAGS).encode())
         h.update(_cpu_signature().encode())
