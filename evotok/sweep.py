@@ -334,6 +334,8 @@ def format_cell(cell: Optional[dict]) -> str:
     if not cell["values"]:
         return f"unfinished (0/{cell['expected']})"
     n, e = len(cell["values"]), cell["expected"]
+    if n == 1:  # one seed has no spread to show: an interval "± 0" would read as certainty
+        return f"{cell['mean']:.4g} ({n}/{e}, one seed)"
     return f"{cell['mean']:.4g} ± {cell['ci95']:.2g} ({n}/{e})"
 
 
