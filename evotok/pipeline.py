@@ -335,7 +335,13 @@ def _upstream_closure(spec: dict, only: Sequence[str]) -> set[str]:
     needed: set[str] = set()
     todo = list(only)
     while todo:
-        for key in get_stage(todo.pop()).upstream:
+        stage = todo.pop()
+        # a hand-over key a step sets itself (``understanding.run=`` for generation from the LM alone) is not
+        # read from this pipeline, so its producer is not needed
+        keys = {key for st in spec["steps"] if st["do"] == "train" and st.get("stage") == stage
+                for key in get_stage(stage).upstream
+                if key not in {override_key(o) for o in st.get("overrides") or ()}}
+        for key in sorted(keys):
             producer = HANDOVER[key]
             if producer in trained and producer not in needed and producer not in only:
                 needed.add(producer)
