@@ -327,8 +327,13 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
     return runs
 
 
+# the stages an eval step reads besides its own stage's run (the GenEval-style eval scores with the checker)
+EVAL_READS: dict[str, tuple[str, ...]] = {"eval_geneval": ("checker",)}
+
+
 def _upstream_closure(spec: dict, only: Sequence[str]) -> set[str]:
-    """The stages of the pipeline that the ``only`` stages read, directly or through each other."""
+    """The stages of the pipeline that the ``only`` stages read, directly or through each other: their train
+    steps' hand-over keys and what their eval steps score with (:data:`EVAL_READS`)."""
     from evotok.stages import HANDOVER, get_stage
 
     trained = {st["stage"] for st in spec["steps"] if st["do"] == "train"}
@@ -341,8 +346,9 @@ def _upstream_closure(spec: dict, only: Sequence[str]) -> set[str]:
         keys = {key for st in spec["steps"] if st["do"] == "train" and st.get("stage") == stage
                 for key in get_stage(stage).upstream
                 if key not in {override_key(o) for o in st.get("overrides") or ()}}
-        for key in sorted(keys):
-            producer = HANDOVER[key]
+        producers = {HANDOVER[key] for key in keys} | {
+            read for st in spec["steps"] if st.get("stage") == stage for read in EVAL_READS.get(st["do"], ())}
+        for producer in sorted(producers):
             if producer in trained and producer not in needed and producer not in only:
                 needed.add(producer)
                 todo.append(producer)

@@ -91,14 +91,18 @@ def test_demo_pipeline_runs_every_stage_and_its_checks_name_what_is_missed(tmp_p
     assert statuses == {"up to date"}
 
 
-def test_only_generation_does_not_need_an_understanding_run_its_steps_do_not_read():
-    """`--only generation` needs the stages its train steps read: a step that sets a hand-over key itself
-    (``understanding.run=``: generation from the LM alone) does not read that key's producer."""
+def test_only_generation_needs_what_its_steps_read_and_nothing_else():
+    """`--only generation` needs the stages its steps read: a train step that sets a hand-over key itself
+    (``understanding.run=``: generation from the LM alone) does not read that key's producer, and the
+    GenEval-style eval step reads the checker."""
     from evotok.pipeline import _upstream_closure
 
-    steps = [{"do": "train", "stage": s} for s in ("teacher", "tokenizer", "lm", "understanding")]
+    steps = [{"do": "train", "stage": s} for s in ("teacher", "tokenizer", "lm", "understanding", "checker")]
     gen = [{"do": "train", "stage": "generation", "overrides": ["understanding.run="]},
            {"do": "train", "stage": "generation", "overrides": ["understanding.run="]}]
     assert _upstream_closure({"steps": steps + gen}, ["generation"]) == {"teacher", "tokenizer", "lm"}
+    geneval = [{"do": "eval_geneval", "stage": "generation"}]
+    assert _upstream_closure({"steps": steps + gen + geneval}, ["generation"]) == {"teacher", "tokenizer", "lm",
+                                                                                   "checker"}
     gen[1]["overrides"] = []  # one step that reads the understanding run is enough to need it
     assert _upstream_closure({"steps": steps + gen}, ["generation"]) == {"teacher", "tokenizer", "lm", "understanding"}
