@@ -331,24 +331,27 @@ def run_pipeline(name: str, overrides: Sequence[str] = (), only: Sequence[str] =
 EVAL_READS: dict[str, tuple[str, ...]] = {"eval_geneval": ("checker",)}
 
 
-def _upstream_closure(spec: dict, only: Sequence[str]) -> set[str]:
-    """The stages of the pipeline that the ``only`` stages read, directly or through each other: their train
-    steps' hand-over keys and what their eval steps score with (:data:`EVAL_READS`)."""
+def stage_upstreams(steps: Sequence[dict], stage: str) -> set[str]:
+    """The other stages whose runs the steps of ``stage`` read: the hand-over keys of its train steps, less
+    those a step sets itself (``understanding.run=`` for generation from the LM alone), and what its eval
+    steps score with (:data:`EVAL_READS`)."""
     from evotok.stages import HANDOVER, get_stage
 
+    keys = {key for st in steps if st["do"] == "train" and st.get("stage") == stage
+            for key in get_stage(stage).upstream
+            if key not in {override_key(o) for o in st.get("overrides") or ()}}
+    producers = {HANDOVER[key] for key in keys} | {
+        read for st in steps if st.get("stage") == stage for read in EVAL_READS.get(st["do"], ())}
+    return {p for p in producers if p and p != stage}
+
+
+def _upstream_closure(spec: dict, only: Sequence[str]) -> set[str]:
+    """The stages of the pipeline that the ``only`` stages read, directly or through each other."""
     trained = {st["stage"] for st in spec["steps"] if st["do"] == "train"}
     needed: set[str] = set()
     todo = list(only)
     while todo:
-        stage = todo.pop()
-        # a hand-over key a step sets itself (``understanding.run=`` for generation from the LM alone) is not
-        # read from this pipeline, so its producer is not needed
-        keys = {key for st in spec["steps"] if st["do"] == "train" and st.get("stage") == stage
-                for key in get_stage(stage).upstream
-                if key not in {override_key(o) for o in st.get("overrides") or ()}}
-        producers = {HANDOVER[key] for key in keys} | {
-            read for st in spec["steps"] if st.get("stage") == stage for read in EVAL_READS.get(st["do"], ())}
-        for producer in sorted(producers):
+        for producer in sorted(stage_upstreams(spec["steps"], todo.pop())):
             if producer in trained and producer not in needed and producer not in only:
                 needed.add(producer)
                 todo.append(producer)

@@ -93,8 +93,7 @@ def point_values(spec: dict) -> list[dict]:
 
 def expand(name: str, overrides: Sequence[str] = ()) -> list[SweepPoint]:
     """Every point of sweep ``name`` with its concrete pipeline spec (written to the sweep folder)."""
-    from evotok.pipeline import load_pipeline
-    from evotok.stages import HANDOVER, get_stage
+    from evotok.pipeline import load_pipeline, stage_upstreams
 
     spec = load_sweep(name)
     base = load_pipeline(spec["pipeline"])
@@ -114,7 +113,7 @@ def expand(name: str, overrides: Sequence[str] = ()) -> list[SweepPoint]:
                     if stage in first_only and seed != seeds[0]:
                         continue
                     reads = {k: v for k, v in values.items() if stage_reads(stage, k)}
-                    ups = [HANDOVER[k] for k in get_stage(stage).upstream if HANDOVER[k]]
+                    ups = sorted(stage_upstreams(base["steps"], stage))
                     levels[stage] = 1 + max([levels[u] for u in ups if u in levels], default=-1)
                     suffix = f"_{step['name']}" if step.get("name") else ""  # e.g. the phases of one stage
                     if reads or stage in seeded or any(u in specific for u in ups):

@@ -31,7 +31,8 @@ def test_default_sweep_expands_to_named_points_sharing_teacher_lm_and_checker(tm
     level_stages = [sorted({st for st, _ in lv}) for lv in levels]
     assert level_stages[0] == ["checker", "lm", "teacher"] and len(levels[0]) == 3  # shared: once for the sweep
     assert level_stages[1] == ["tokenizer"] and len(levels[1]) == 9
-    assert len(levels[2]) == 3 and len(levels[3]) == 3
+    # generation reads no understanding run (its steps set understanding.run=), so both run side by side
+    assert level_stages[2] == ["generation", "understanding"] and len(levels[2]) == 6 and len(levels) == 3
 
 
 def test_print_executor_prints_one_command_per_job(tmp_path, capsys):
